@@ -1,0 +1,176 @@
+"""Process settings: one `Settings`, env prefix `CP_`, nested groups joined with `__`.
+
+Workflows never read settings; values reach them through payloads.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that are fine on a laptop and refused anywhere else.
+PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev-secret"})
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class DatabaseSettings(BaseModel):
+    # Empty means "the embedded PostgreSQL of `cpctl dev`".
+    url: SecretStr = SecretStr("")
+    pool_size: int = Field(default=10, ge=1, le=200)
+    max_overflow: int = Field(default=10, ge=0, le=200)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw and not raw.startswith(("postgresql+asyncpg://", "postgresql://", "postgres://")):
+            raise ValueError("must be a PostgreSQL URL (postgresql+asyncpg://user:pass@host/db)")
+        if raw.startswith(("postgresql://", "postgres://")):
+            raw = "postgresql+asyncpg://" + raw.split("://", 1)[1]
+        return SecretStr(raw)
+
+
+class RedisSettings(BaseModel):
+    # Empty means "the embedded redis-server of `cpctl dev`".
+    url: SecretStr = SecretStr("")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class TemporalSettings(BaseModel):
+    address: str = "localhost:7233"
+    namespace: str = "default"
+    # Prefixes every task queue; lets several stacks (or tests) share one Temporal.
+    task_queue_prefix: str = ""
+    api_key: SecretStr | None = None
+    tls: bool = False
+    register_search_attributes: bool = True
+
+
+class S3Settings(BaseModel):
+    endpoint: str = ""
+    access_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")
+    bucket: str = "control-plane"
+    region: str = "us-east-1"
+    secure: bool = True
+
+
+class StorageSettings(BaseModel):
+    # `file` keeps objects under `<data_dir>/objects` unless `path` says otherwise.
+    backend: Literal["file", "s3"] = "file"
+    path: Path | None = None
+    multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+
+class AuthSettings(BaseModel):
+    mode: Literal["local", "keycloak"] = "local"
+    jwt_secret: SecretStr = SecretStr("dev-secret")
+
+
+class KeycloakSettings(BaseModel):
+    url: str = ""
+    admin_realm: str = "master"
+    client_id: str = "control-plane"
+    client_secret: SecretStr = SecretStr("")
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    cors_origins: list[str] = []
+    # How often the SSE stream polls a workflow's progress query.
+    events_poll_seconds: float = Field(default=0.5, gt=0, le=30)
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
+class DevSettings(BaseModel):
+    temporal_port: int = Field(default=7233, ge=1, le=65535)
+    temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
+    # Back-off for restarting a crashed child: doubles from `restart_min` to `restart_max`.
+    restart_min_seconds: float = Field(default=1.0, gt=0)
+    restart_max_seconds: float = Field(default=30.0, gt=0)
+
+
+class WorkerSettings(BaseModel):
+    # Seconds a stopping worker gives running activities to finish or heartbeat out.
+    graceful_shutdown_seconds: float = Field(default=30.0, ge=0)
+    max_concurrent_activities: int = Field(default=50, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CP_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    environment: Environment = Environment.DEV
+    data_dir: Path = Path(".cp-data")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # `None` picks console logs in dev and JSON elsewhere.
+    log_json: bool | None = None
+
+    database: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    temporal: TemporalSettings = TemporalSettings()
+    storage: StorageSettings = StorageSettings()
+    s3: S3Settings = S3Settings()
+    auth: AuthSettings = AuthSettings()
+    keycloak: KeycloakSettings = KeycloakSettings()
+    api: ApiSettings = ApiSettings()
+    dev: DevSettings = DevSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="after")
+    def _production_needs_real_values(self) -> Settings:
+        if self.environment is Environment.DEV or self.environment is Environment.TEST:
+            return self
+        problems: list[str] = []
+        if self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS:
+            problems.append("CP_AUTH__JWT_SECRET is a placeholder")
+        if not self.database.url.get_secret_value():
+            problems.append("CP_DATABASE__URL is required")
+        if not self.redis.url.get_secret_value():
+            problems.append("CP_REDIS__URL is required")
+        if self.storage.backend == "s3" and self.s3.secret_key.get_secret_value() in (
+            PLACEHOLDER_SECRETS
+        ):
+            problems.append("CP_S3__SECRET_KEY is a placeholder")
+        if problems:
+            raise ValueError(f"refusing to start in {self.environment}: " + "; ".join(problems))
+        return self
+
+    @property
+    def json_logs(self) -> bool:
+        if self.log_json is not None:
+            return self.log_json
+        return self.environment is not Environment.DEV
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.storage.path or (self.data_dir / "objects")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The embedded one-machine stack behind `cpctl dev` (and the test suite's servers)."""
