@@ -50,7 +50,11 @@ def data_converter(codec: PayloadCodec | None = None) -> DataConverter:
     return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
 
 
-async def connect(settings: TemporalSettings, *, codec: PayloadCodec | None = None) -> Client:
+async def connect(
+    settings: TemporalSettings, *, codec: PayloadCodec | None = None, lazy: bool = False
+) -> Client:
+    """`lazy=True` defers the connection to the first call (the API starts while Temporal
+    is down and reports it in `/readyz`)."""
     try:
         return await Client.connect(
             settings.address,
@@ -58,6 +62,7 @@ async def connect(settings: TemporalSettings, *, codec: PayloadCodec | None = No
             data_converter=data_converter(codec),
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
             tls=TLSConfig() if settings.tls else False,
+            lazy=lazy,
         )
     except RuntimeError as err:
         raise DependencyUnavailable(

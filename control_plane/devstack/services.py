@@ -327,7 +327,7 @@ class TemporalDevServer:
             argv=argv,
             ready=self.ready,
             prepare=self.prepare,
-            log_file=(self.data_dir / "server.log") if self.data_dir else None,
+            log_file=(self.data_dir.parent / "logs" / "temporal.log") if self.data_dir else None,
             ports=ports,
             ready_timeout=90.0,
         )

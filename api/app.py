@@ -1,0 +1,123 @@
+"""The API app factory (`uvicorn --factory api.app:create_app`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from api.errors import PROBLEM_MEDIA_TYPE, Problem, install_error_handlers
+from api.middleware import RequestLogMiddleware
+from api.routes import health, system, workflows
+from api.state import AppState
+from control_plane.core import temporal
+from control_plane.core.config import Settings, get_settings
+from control_plane.core.db import create_engine, create_sessionmaker
+from control_plane.core.logging import configure_logging, get_logger
+from control_plane.core.redis import create_redis
+from control_plane.core.storage import create_object_store
+
+log = get_logger(__name__)
+
+
+def _lifespan(settings: Settings) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database)
+        redis = create_redis(settings.redis)
+        objects = create_object_store(settings)
+        # Lazy: the API starts while Temporal is down and says so in /readyz.
+        client = await temporal.connect(settings.temporal, lazy=True)
+        app.state.cp = AppState(
+            settings=settings,
+            engine=engine,
+            sessions=create_sessionmaker(engine),
+            redis=redis,
+            objects=objects,
+            temporal=client,
+        )
+        try:
+            await objects.ensure_ready()
+        except Exception as err:
+            log.warning("api.object_store.not_ready", error=str(err))
+        if settings.temporal.register_search_attributes:
+            try:
+                await temporal.ensure_search_attributes(client)
+            except Exception as err:
+                log.warning("api.search_attributes.not_registered", error=str(err))
+        log.info("api.started", port=settings.api.port)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await objects.close()
+            await engine.dispose()
+            log.info("api.stopped")
+
+    return lifespan
+
+
+def _problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """Document error responses as problem+json, the way they are actually sent."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema()
+    problem = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for route, path in schema.get("paths", {}).items():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            for code, response in responses.items():
+                if code[0] in "45":
+                    response["content"] = problem
+            responses.setdefault("500", {"description": "Unexpected error", "content": problem})
+            if route != "/healthz":
+                responses.setdefault(
+                    "503", {"description": "A dependency is unavailable", "content": problem}
+                )
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(level=settings.log_level, json=settings.json_logs)
+    app = FastAPI(
+        title="control-plane",
+        version="0.1.0",
+        summary="Serve AI models with durable Temporal workflows.",
+        lifespan=_lifespan(settings),
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(workflows.router)
+    app.include_router(system.router)
+    # Each app gets its own registry so several apps (tests) can live in one process.
+    registry = CollectorRegistry()
+    Instrumentator(
+        should_group_status_codes=False,
+        excluded_handlers=["/metrics"],
+        registry=registry,
+    ).instrument(app).expose(app, include_in_schema=False)
+    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    if settings.api.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.api.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
+    return app

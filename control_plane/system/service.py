@@ -1,0 +1,50 @@
+"""System operations: the `DiagnoseSystem` workflow that checks every worker pool."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import uuid4
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+
+from control_plane.core import temporal
+from control_plane.core.config import Settings
+from control_plane.workflow_runs.service import WorkflowRunService
+from workflows.contracts.common import ResourceRef
+from workflows.contracts.system import DiagnoseRequest, DiagnoseResult
+
+DIAGNOSE_WORKFLOW = "DiagnoseSystem"
+RESOURCE = ResourceRef(kind="system")
+
+
+async def start_diagnosis(
+    session: AsyncSession, client: Client, request: DiagnoseRequest, *, queue_prefix: str
+) -> str:
+    workflow_id = f"system-diagnose-{uuid4()}"
+    handle = await temporal.start_workflow(
+        client,
+        DIAGNOSE_WORKFLOW,
+        request,
+        workflow_id=workflow_id,
+        resource=RESOURCE,
+        queue_prefix=queue_prefix,
+    )
+    await WorkflowRunService(session, client).record_started(handle, DIAGNOSE_WORKFLOW, RESOURCE)
+    return workflow_id
+
+
+async def run_diagnosis(settings: Settings, timeout_seconds: int) -> DiagnoseResult:
+    """Start a diagnosis and wait for its result (used by `cpctl diagnose`)."""
+    client = await temporal.connect(settings.temporal)
+    handle = await temporal.start_workflow(
+        client,
+        DIAGNOSE_WORKFLOW,
+        DiagnoseRequest(timeout_seconds=timeout_seconds),
+        workflow_id=f"system-diagnose-{uuid4()}",
+        resource=RESOURCE,
+        queue_prefix=settings.temporal.task_queue_prefix,
+    )
+    return await handle.result(
+        result_type=DiagnoseResult, rpc_timeout=timedelta(seconds=timeout_seconds + 30)
+    )
