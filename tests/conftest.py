@@ -1,0 +1,5 @@
+pytest_plugins = [
+    "tests.fixtures.infra",
+    "tests.fixtures.stack",
+    "tests.fixtures.s3",
+]
