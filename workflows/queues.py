@@ -1,9 +1,9 @@
 """Task-queue names of the six worker pools.
 
 Every queue name may carry a deployment prefix (`CP_TEMPORAL__TASK_QUEUE_PREFIX`) so
-several stacks, or tests, share one Temporal namespace. Workflows run on the
-orchestration queue and derive the prefix from their own queue, so no setting ever
-enters workflow code.
+several stacks, or tests, share one Temporal namespace. The starter puts the prefix in
+the workflow's memo (`QUEUE_PREFIX_MEMO`); workflows read it from there, so no setting
+enters workflow code and replays see the same value.
 """
 
 from __future__ import annotations
@@ -21,17 +21,11 @@ class Queue(StrEnum):
 
 
 ALL_QUEUES: tuple[Queue, ...] = tuple(Queue)
+QUEUE_PREFIX_MEMO = "cp_queue_prefix"
 
 
 def task_queue(queue: Queue, prefix: str = "") -> str:
     return f"{prefix}{queue.value}"
-
-
-def prefix_of(orchestration_task_queue: str) -> str:
-    """The deployment prefix, given the full name of an orchestration task queue."""
-    if not orchestration_task_queue.endswith(Queue.ORCHESTRATION.value):
-        raise ValueError(f"{orchestration_task_queue!r} is not an orchestration task queue")
-    return orchestration_task_queue.removesuffix(Queue.ORCHESTRATION.value)
 
 
 def parse_queue(name: str) -> Queue:

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, TimeoutError
+from temporalio.exceptions import ActivityError, CancelledError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts.common import ResourceRef, RunStatus, StepStatus
@@ -23,8 +23,8 @@ with workflow.unsafe.imports_passed_through():
         PoolFailure,
         PoolPing,
     )
-    from workflows.queues import Queue, prefix_of, task_queue
-    from workflows.tracking import TrackedWorkflow
+    from workflows.queues import Queue
+    from workflows.tracking import TrackedWorkflow, queue_for
 
 PING_ACTIVITY = "ping_pool"
 
@@ -40,11 +40,10 @@ class DiagnoseSystem(TrackedWorkflow):
         queues = list(dict.fromkeys(request.queues))
         tracker = self.track([step_name(q) for q in queues], ResourceRef(kind="system"))
         tracker.detail = f"waiting up to {request.timeout_seconds}s per pool"
-        prefix = prefix_of(workflow.info().task_queue)
         await self.record()
         try:
             outcomes = await asyncio.gather(
-                *(self._ping(q, prefix, request.timeout_seconds) for q in queues)
+                *(self._ping(q, request.timeout_seconds) for q in queues)
             )
         except asyncio.CancelledError:
             tracker.cancel_open()
@@ -56,9 +55,9 @@ class DiagnoseSystem(TrackedWorkflow):
         await self.record(RunStatus.COMPLETED)
         return DiagnoseResult(healthy=not failed, answered=answered, failed=failed)
 
-    async def _ping(self, queue: Queue, prefix: str, timeout: int) -> PoolPing | PoolFailure:
+    async def _ping(self, queue: Queue, timeout: int) -> PoolPing | PoolFailure:
         name = step_name(queue)
-        full_queue = task_queue(queue, prefix)
+        full_queue = queue_for(queue)
         self._tracker.start(name, f"waiting for a worker on {full_queue}")
         try:
             ping: PoolPing = await workflow.execute_activity(
@@ -71,6 +70,9 @@ class DiagnoseSystem(TrackedWorkflow):
                 retry_policy=RetryPolicy(maximum_attempts=1),
             )
         except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                # The workflow is being cancelled: let `run` compensate and record it.
+                raise asyncio.CancelledError() from err
             if isinstance(err.cause, TimeoutError):
                 reason = f"no worker answered on {full_queue} within {timeout}s"
             else:

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         StepStatus,
     )
+    from workflows.queues import QUEUE_PREFIX_MEMO, Queue, task_queue
 
 RECORD_RUN_ACTIVITY = "record_workflow_run"
 
@@ -31,6 +32,12 @@ BOOKKEEPING_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=30),
 )
+
+
+def queue_for(queue: Queue) -> str:
+    """The full task-queue name of a pool, under this workflow's deployment prefix."""
+    prefix: str = workflow.memo_value(QUEUE_PREFIX_MEMO, "", type_hint=str)
+    return task_queue(queue, prefix)
 
 
 class ProgressTracker:
@@ -120,6 +127,7 @@ class TrackedWorkflow:
                 started_at=info.start_time,
                 finished_at=None if status is RunStatus.RUNNING else workflow.now(),
             ),
+            task_queue=queue_for(Queue.ORCHESTRATION),
             start_to_close_timeout=BOOKKEEPING_TIMEOUT,
             retry_policy=BOOKKEEPING_RETRY,
         )

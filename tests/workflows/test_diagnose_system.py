@@ -20,7 +20,7 @@ from control_plane.core.temporal import data_converter
 from workers.main import _workflow_runner
 from workflows.contracts.common import Progress, RunRecord, RunStatus
 from workflows.contracts.system import DiagnoseRequest, DiagnoseResult, PingRequest, PoolPing
-from workflows.queues import Queue, task_queue
+from workflows.queues import QUEUE_PREFIX_MEMO, Queue, task_queue
 from workflows.system import DiagnoseSystem
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -80,6 +80,7 @@ async def run_with(
             request,
             id=workflow_id,
             task_queue=task_queue(Queue.ORCHESTRATION, prefix),
+            memo={QUEUE_PREFIX_MEMO: prefix},
         )
     finally:
         await asyncio.gather(*(w.shutdown() for w in workers))
@@ -102,13 +103,13 @@ class TestDiagnoseSystem:
     async def test_a_pool_without_workers_fails_its_step_after_the_timeout(
         self, time_skipping_env: WorkflowEnvironment
     ) -> None:
-        # The test server skips the 10-minute wait; nothing polls cp-deploy.
-        request = DiagnoseRequest(queues=[Queue.CLUSTER, Queue.DEPLOY], timeout_seconds=600)
+        # Nothing polls cp-deploy; the test server enforces schedule-to-start in real time.
+        request = DiagnoseRequest(queues=[Queue.CLUSTER, Queue.DEPLOY], timeout_seconds=3)
         result, recorder, _ = await run_with(time_skipping_env, request, [Queue.CLUSTER])
         assert not result.healthy
         assert [f.queue for f in result.failed] == [Queue.DEPLOY]
         assert "no worker answered on" in result.failed[0].reason
-        assert "within 600s" in result.failed[0].reason
+        assert "within 3s" in result.failed[0].reason
         final = recorder.records[-1]
         assert final.status is RunStatus.COMPLETED
         steps = {s.name: s.status.value for s in final.progress.steps}
@@ -142,6 +143,7 @@ class TestDiagnoseSystem:
                 DiagnoseRequest(queues=[Queue.MODEL], timeout_seconds=3600),
                 id=f"diag-{uuid.uuid4()}",
                 task_queue=task_queue(Queue.ORCHESTRATION, prefix),
+                memo={QUEUE_PREFIX_MEMO: prefix},
             )
             while not recorder.records:
                 await asyncio.sleep(0.05)
