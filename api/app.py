@@ -79,6 +79,8 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
             for code, response in responses.items():
                 if code[0] in "45":
                     response["content"] = problem
+            if "requestBody" in operation:
+                responses.setdefault("400", {"description": "Malformed body", "content": problem})
             responses.setdefault("500", {"description": "Unexpected error", "content": problem})
             if route != "/healthz":
                 responses.setdefault(

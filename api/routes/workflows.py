@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import SessionDep, StateDep, TemporalDep
+from api.errors import problems
 from control_plane.core.db import session_scope
 from control_plane.workflow_runs.schemas import (
     WorkflowRunDetail,
@@ -51,7 +52,7 @@ async def list_workflows(
     )
 
 
-@router.get("/{workflow_id}", response_model=WorkflowRunDetail)
+@router.get("/{workflow_id}", response_model=WorkflowRunDetail, responses=problems(404))
 async def get_workflow(
     workflow_id: WorkflowId, session: SessionDep, client: TemporalDep
 ) -> WorkflowRunDetail:
@@ -64,6 +65,7 @@ async def get_workflow(
     "/{workflow_id}/cancel",
     response_model=WorkflowRunDetail,
     status_code=status.HTTP_202_ACCEPTED,
+    responses=problems(404, 409),
 )
 async def cancel_workflow(
     workflow_id: WorkflowId, session: SessionDep, client: TemporalDep
@@ -82,7 +84,10 @@ async def _existing_run(workflow_id: WorkflowId, state: StateDep) -> str:
 @router.get(
     "/{workflow_id}/events",
     response_class=EventSourceResponse,
-    responses={200: {"description": "`progress` events while the run changes, then `end`"}},
+    responses={
+        200: {"description": "`progress` events while the run changes, then `end`"},
+        **problems(404),
+    },
 )
 async def workflow_events(
     workflow_id: Annotated[str, Depends(_existing_run)], state: StateDep

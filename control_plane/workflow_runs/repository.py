@@ -3,8 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_
 from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from control_plane.core.db import utcnow
@@ -48,13 +49,15 @@ class WorkflowRunRepository:
                 stmt.excluded.status != RunStatus.RUNNING.value,
             ),
         )
-        await self.session.execute(stmt)
+        await self.session.exec(stmt)
 
     async def get(self, workflow_id: str) -> WorkflowRun | None:
-        result = await self.session.execute(
-            select(WorkflowRun).where(WorkflowRun.workflow_id == workflow_id)  # type: ignore[arg-type]
+        result = await self.session.exec(
+            select(WorkflowRun)
+            .where(WorkflowRun.workflow_id == workflow_id)
+            .execution_options(populate_existing=True)
         )
-        return result.scalar_one_or_none()
+        return result.one_or_none()
 
     async def mark_finished(
         self, workflow_id: str, status: RunStatus, finished_at: datetime | None, error: str | None
@@ -87,21 +90,17 @@ class WorkflowRunRepository:
         column = getattr(WorkflowRun, sort)
         order = column.desc() if descending else column.asc()
         total = (
-            await self.session.execute(
+            await self.session.exec(
                 select(func.count()).select_from(WorkflowRun).where(*conditions)
             )
-        ).scalar_one()
+        ).one()
         rows = (
-            (
-                await self.session.execute(
-                    select(WorkflowRun)
-                    .where(*conditions)
-                    .order_by(order, WorkflowRun.workflow_id)
-                    .offset((page - 1) * limit)
-                    .limit(limit)
-                )
+            await self.session.exec(
+                select(WorkflowRun)
+                .where(*conditions)
+                .order_by(order, col(WorkflowRun.workflow_id))
+                .offset((page - 1) * limit)
+                .limit(limit)
             )
-            .scalars()
-            .all()
-        )
+        ).all()
         return list(rows), int(total)
