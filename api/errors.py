@@ -147,7 +147,9 @@ async def _database_error(request: Request, err: Exception) -> JSONResponse:
 
 async def _connection_error(request: Request, err: Exception) -> JSONResponse:
     dependency = "redis" if isinstance(err, redis.exceptions.RedisError) else "postgres"
-    return _from_error(request, DependencyUnavailable(f"{dependency} unavailable", dependency=dependency))
+    return _from_error(
+        request, DependencyUnavailable(f"{dependency} unavailable", dependency=dependency)
+    )
 
 
 async def _temporal_error(request: Request, err: Exception) -> JSONResponse:

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from control_plane.devstack.services import free_port
+from control_plane.devstack.services import free_ports
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dev_stack.json"
 MIB = 1024 * 1024
@@ -65,13 +65,13 @@ def _per_child(data_dir: Path) -> dict[str, float]:
 
 
 def measure_start(data_dir: Path, phase: str, idle_seconds: float) -> dict[str, Any]:
-    api_port = free_port()
+    api_port, temporal_port, ui_port = free_ports(3)
     env = {key: value for key, value in os.environ.items() if not key.startswith("CP_")}
     env.update(
         CP_DATA_DIR=str(data_dir),
         CP_API__PORT=str(api_port),
-        CP_DEV__TEMPORAL_PORT=str(free_port()),
-        CP_DEV__TEMPORAL_UI_PORT=str(free_port()),
+        CP_DEV__TEMPORAL_PORT=str(temporal_port),
+        CP_DEV__TEMPORAL_UI_PORT=str(ui_port),
     )
     log = data_dir.parent / f"{data_dir.name}-{phase}.out"
     readyz = f"http://127.0.0.1:{api_port}/readyz"

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from alembic.config import Config
 
 from control_plane.core.config import get_settings
 from control_plane.core.logging import configure_logging
 
-app = typer.Typer(help="control-plane: serve AI models with durable workflows.", no_args_is_help=True)
+app = typer.Typer(
+    help="control-plane: serve AI models with durable workflows.", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -82,7 +85,7 @@ def diagnose(
     timeout: Annotated[int, typer.Option(help="Seconds to wait for each pool.")] = 15,
 ) -> None:
     """Check that a worker of every pool answers (runs the DiagnoseSystem workflow)."""
-    from control_plane.system import run_diagnosis
+    from control_plane.system.service import run_diagnosis
 
     _setup_logging()
     result = asyncio.run(run_diagnosis(get_settings(), timeout))
@@ -93,9 +96,7 @@ def diagnose(
     raise typer.Exit(0 if result.healthy else 1)
 
 
-def _alembic_config(database_url: str | None = None) -> object:
-    from alembic.config import Config
-
+def alembic_config(database_url: str | None = None) -> Config:
     config = Config(str(ALEMBIC_INI))
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     if database_url:
@@ -109,7 +110,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     from alembic import command
 
     _setup_logging()
-    command.upgrade(_alembic_config(), revision)  # type: ignore[arg-type]
+    command.upgrade(alembic_config(), revision)
 
 
 @db_app.command("downgrade")
@@ -118,7 +119,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
     from alembic import command
 
     _setup_logging()
-    command.downgrade(_alembic_config(), revision)  # type: ignore[arg-type]
+    command.downgrade(alembic_config(), revision)
 
 
 @db_app.command("current")
@@ -127,7 +128,7 @@ def db_current() -> None:
     from alembic import command
 
     _setup_logging()
-    command.current(_alembic_config(), verbose=True)  # type: ignore[arg-type]
+    command.current(alembic_config(), verbose=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class DiagnoseSystem(TrackedWorkflow):
         await self.record(RunStatus.COMPLETED)
         return DiagnoseResult(healthy=not failed, answered=answered, failed=failed)
 
-    async def _ping(self, queue: Queue, timeout: int) -> PoolPing | PoolFailure:
+    async def _ping(self, queue: Queue, wait_seconds: int) -> PoolPing | PoolFailure:
         name = step_name(queue)
         full_queue = queue_for(queue)
         self._tracker.start(name, f"waiting for a worker on {full_queue}")
@@ -65,7 +65,7 @@ class DiagnoseSystem(TrackedWorkflow):
                 PingRequest(queue=queue),
                 task_queue=full_queue,
                 result_type=PoolPing,
-                schedule_to_start_timeout=timedelta(seconds=timeout),
+                schedule_to_start_timeout=timedelta(seconds=wait_seconds),
                 start_to_close_timeout=timedelta(seconds=10),
                 retry_policy=RetryPolicy(maximum_attempts=1),
             )
@@ -74,7 +74,7 @@ class DiagnoseSystem(TrackedWorkflow):
                 # The workflow is being cancelled: let `run` compensate and record it.
                 raise asyncio.CancelledError() from err
             if isinstance(err.cause, TimeoutError):
-                reason = f"no worker answered on {full_queue} within {timeout}s"
+                reason = f"no worker answered on {full_queue} within {wait_seconds}s"
             else:
                 reason = f"ping failed: {err.cause or err}"
             self._tracker.finish(name, StepStatus.FAILED, reason)

@@ -80,7 +80,9 @@ class ProgressTracker:
     def snapshot(self, status: RunStatus) -> Progress:
         steps = [step.model_copy() for step in self._steps.values()]
         done = sum(
-            1.0 if s.status in (StepStatus.COMPLETED, StepStatus.SKIPPED) else (s.percent or 0) / 100
+            1.0
+            if s.status in (StepStatus.COMPLETED, StepStatus.SKIPPED)
+            else (s.percent or 0) / 100
             for s in steps
         )
         percent = 100.0 if status is RunStatus.COMPLETED else round(100 * done / len(steps), 1)

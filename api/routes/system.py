@@ -16,9 +16,7 @@ class WorkflowStarted(BaseModel):
     workflow_id: str
 
 
-@router.post(
-    "/diagnostics", response_model=WorkflowStarted, status_code=status.HTTP_202_ACCEPTED
-)
+@router.post("/diagnostics", response_model=WorkflowStarted, status_code=status.HTTP_202_ACCEPTED)
 async def diagnose(
     request: DiagnoseRequest, session: SessionDep, client: TemporalDep, settings: SettingsDep
 ) -> WorkflowStarted:

@@ -114,6 +114,7 @@ async def start_workflow(
     resource: ResourceRef,
     queue_prefix: str = "",
     ensure: bool = False,
+    result_type: type | None = None,
 ) -> WorkflowHandle[Any, Any]:
     """Start a workflow on the orchestration queue with our search attributes.
 
@@ -128,14 +129,15 @@ async def start_workflow(
             task_queue=task_queue(Queue.ORCHESTRATION, queue_prefix),
             search_attributes=search_attributes(resource),
             memo={QUEUE_PREFIX_MEMO: queue_prefix},
+            result_type=result_type,
             id_conflict_policy=(
-                WorkflowIDConflictPolicy.USE_EXISTING
-                if ensure
-                else WorkflowIDConflictPolicy.FAIL
+                WorkflowIDConflictPolicy.USE_EXISTING if ensure else WorkflowIDConflictPolicy.FAIL
             ),
         )
     except WorkflowAlreadyStartedError as err:
-        raise Conflict(f"workflow {workflow_id} is already running", workflow_id=workflow_id) from err
+        raise Conflict(
+            f"workflow {workflow_id} is already running", workflow_id=workflow_id
+        ) from err
     except RPCError as err:
         raise rpc_error(err) from err
 

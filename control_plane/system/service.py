@@ -44,7 +44,8 @@ async def run_diagnosis(settings: Settings, timeout_seconds: int) -> DiagnoseRes
         workflow_id=f"system-diagnose-{uuid4()}",
         resource=RESOURCE,
         queue_prefix=settings.temporal.task_queue_prefix,
+        result_type=DiagnoseResult,
     )
-    return await handle.result(
-        result_type=DiagnoseResult, rpc_timeout=timedelta(seconds=timeout_seconds + 30)
-    )
+    result = await handle.result(rpc_timeout=timedelta(seconds=timeout_seconds + 30))
+    assert isinstance(result, DiagnoseResult)
+    return result

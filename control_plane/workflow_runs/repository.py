@@ -36,7 +36,7 @@ class WorkflowRunRepository:
         }
         stmt = insert(WorkflowRun).values(**values)
         table = WorkflowRun.__table__  # type: ignore[attr-defined]
-        update = {k: stmt.excluded[k] for k in values if k != "workflow_id"}
+        update: dict[str, Any] = {k: stmt.excluded[k] for k in values if k != "workflow_id"}
         update["updated_at"] = utcnow()
         # A retried, stale "running" record must never reopen a run already recorded as
         # finished; a new run (continue-as-new, re-run) always wins.

@@ -27,10 +27,10 @@ class WorkflowRun(TableBase, table=True):
     resource_id: str | None = Field(default=None, max_length=255)
     project_id: uuid.UUID | None = Field(default=None, index=True)
     status: str = Field(max_length=32, index=True)
-    progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)  # type: ignore[call-overload]
+    progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     error: str | None = None
-    started_at: datetime = Field(sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    started_at: datetime = Field(sa_type=DateTime(timezone=True))
     finished_at: datetime | None = Field(
         default=None,
-        sa_type=DateTime(timezone=True),  # type: ignore[call-overload]
+        sa_type=DateTime(timezone=True),
     )

@@ -24,7 +24,7 @@ import pytest
 import temporalio.api.operatorservice.v1 as operator
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from control_plane.devstack.services import free_port
+from control_plane.devstack.services import free_ports
 from workflows.contracts.common import SEARCH_ATTRIBUTE_KEYS
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,10 @@ class DevStack:
 
     def __init__(self, data_dir: Path, *, api_port: int | None = None) -> None:
         self.data_dir = data_dir
-        self.api_port = api_port or free_port()
-        self.temporal_port = free_port()
-        self.temporal_ui_port = free_port()
+        ports = free_ports(3)
+        self.api_port = api_port or ports[0]
+        self.temporal_port = ports[1]
+        self.temporal_ui_port = ports[2]
         self.process: subprocess.Popen[bytes] | None = None
         self.output_file: Path | None = None
         self.last_state: dict[str, Any] = {}

@@ -15,9 +15,7 @@ from api.app import create_app
 from control_plane.core.config import Settings
 from tests.fixtures.stack import ApiServer
 
-schema = schemathesis.openapi.from_dict(
-    create_app(Settings(_env_file=None)).openapi()  # type: ignore[call-arg]
-)
+schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).openapi())
 
 
 @schema.parametrize()
@@ -26,6 +24,9 @@ schema = schemathesis.openapi.from_dict(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_api_conforms_to_its_schema(case: schemathesis.Case, api_server: ApiServer) -> None:
+def test_api_conforms_to_its_schema(
+    case: schemathesis.Case,  # type: ignore[type-arg]
+    api_server: ApiServer,
+) -> None:
     response = case.call(base_url=api_server.url, timeout=30)
     case.validate_response(response)

@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from control_plane.cli import _alembic_config
+from control_plane.cli import alembic_config
 from control_plane.core.db import metadata
 from control_plane.migrations import tables  # noqa: F401
 from tests.fixtures.infra import Infra
@@ -42,7 +42,7 @@ async def table_names(url: str) -> set[str]:
 
 
 def migrate(url: str, direction: str, revision: str) -> None:
-    getattr(command, direction)(_alembic_config(url), revision)
+    getattr(command, direction)(alembic_config(url), revision)
 
 
 class TestMigrations:

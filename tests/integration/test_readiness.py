@@ -15,8 +15,10 @@ from control_plane.devstack.services import EmbeddedPostgres, free_port, start_s
 from tests.fixtures.stack import ApiServer
 
 
-async def wait_for_status(client: httpx.AsyncClient, status: int, timeout: float = 20) -> httpx.Response:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for_status(
+    client: httpx.AsyncClient, status: int, within: float = 20
+) -> httpx.Response:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         response = await client.get("/readyz")
         if response.status_code == status:
@@ -36,7 +38,9 @@ class TestReadiness:
 
     async def test_healthz_needs_no_dependency(self, tmp_path: Path, settings: Settings) -> None:
         broken = settings.model_copy(
-            update={"redis": settings.redis.model_copy(update={"url": SecretStr("unix:///nope.sock")})}
+            update={
+                "redis": settings.redis.model_copy(update={"url": SecretStr("unix:///nope.sock")})
+            }
         )
         server = ApiServer(broken)
         server.start()
@@ -46,11 +50,15 @@ class TestReadiness:
         finally:
             server.stop()
 
-    async def test_postgres_stopped_then_restarted(self, tmp_path: Path, settings: Settings) -> None:
+    async def test_postgres_stopped_then_restarted(
+        self, tmp_path: Path, settings: Settings
+    ) -> None:
         postgres = EmbeddedPostgres(tmp_path / "own-pg", socket_tag=f"rz{free_port()}")
         running = await start_service(postgres.spec())
         own = settings.model_copy(
-            update={"database": settings.database.model_copy(update={"url": SecretStr(postgres.url())})}
+            update={
+                "database": settings.database.model_copy(update={"url": SecretStr(postgres.url())})
+            }
         )
         server = ApiServer(own)
         server.start()
@@ -76,7 +84,9 @@ class TestReadiness:
     async def test_unreachable_redis_and_temporal_are_named(self, settings: Settings) -> None:
         broken = settings.model_copy(
             update={
-                "redis": settings.redis.model_copy(update={"url": SecretStr("redis://127.0.0.1:1/0")}),
+                "redis": settings.redis.model_copy(
+                    update={"url": SecretStr("redis://127.0.0.1:1/0")}
+                ),
                 "temporal": settings.temporal.model_copy(
                     update={"address": f"127.0.0.1:{free_port()}"}
                 ),

@@ -17,9 +17,9 @@ from workflows.queues import ALL_QUEUES, Queue
 
 
 async def wait_for_status(
-    api: httpx.AsyncClient, workflow_id: str, status: str, timeout: float = 30
+    api: httpx.AsyncClient, workflow_id: str, status: str, within: float = 30
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         body: dict[str, Any] = (await api.get(f"/api/v1/workflows/{workflow_id}")).json()
         if body.get("status") == status:
@@ -69,9 +69,7 @@ class TestDiagnosisRun:
         self, api: httpx.AsyncClient, start_workers: StartWorkers, temporal_client: Client
     ) -> None:
         await start_workers(ALL_QUEUES)
-        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()[
-            "workflow_id"
-        ]
+        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()["workflow_id"]
         description = await temporal_client.get_workflow_handle(workflow_id).describe()
         assert description.typed_search_attributes.get(SA_RESOURCE_KIND) == "system"
         assert description.typed_search_attributes.get(SA_PROJECT_ID) is None
@@ -80,9 +78,7 @@ class TestDiagnosisRun:
         self, api: httpx.AsyncClient, start_workers: StartWorkers
     ) -> None:
         await start_workers(ALL_QUEUES)
-        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()[
-            "workflow_id"
-        ]
+        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()["workflow_id"]
         events = await read_events(api, workflow_id)
         kinds = [kind for kind, _ in events]
         assert kinds[-1] == "end"

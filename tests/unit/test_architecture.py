@@ -70,17 +70,18 @@ def workflow_violations(source: str, filename: str = "<src>") -> list[str]:
     problems: list[str] = []
     for node in ast.walk(ast.parse(source, filename)):
         names: list[str] = []
+        line = getattr(node, "lineno", 0)
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         for name in names:
             if any(name == banned or name.startswith(banned + ".") for banned in BANNED_IMPORTS):
-                problems.append(f"{filename}:{node.lineno} imports {name}")
+                problems.append(f"{filename}:{line} imports {name}")
         if isinstance(node, ast.Call) and dotted(node.func) in BANNED_CALLS:
-            problems.append(f"{filename}:{node.lineno} calls {dotted(node.func)}()")
+            problems.append(f"{filename}:{line} calls {dotted(node.func)}()")
         if isinstance(node, ast.Attribute) and dotted(node) in BANNED_ATTRIBUTES:
-            problems.append(f"{filename}:{node.lineno} reads {dotted(node)}")
+            problems.append(f"{filename}:{line} reads {dotted(node)}")
     return problems
 
 

@@ -51,9 +51,7 @@ class TestControlPlaneErrors:
             (DependencyUnavailable("down", dependency="redis"), 503, "dependency-unavailable"),
         ],
     )
-    def test_status_and_stable_type(
-        self, error: ControlPlaneError, status: int, code: str
-    ) -> None:
+    def test_status_and_stable_type(self, error: ControlPlaneError, status: int, code: str) -> None:
         response = make_app(error).get("/boom")
         assert response.status_code == status
         assert response.headers["content-type"] == "application/problem+json"

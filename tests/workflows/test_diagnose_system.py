@@ -29,10 +29,12 @@ HISTORIES = Path(__file__).parent / "histories"
 class Recorder:
     def __init__(self) -> None:
         self.records: list[RunRecord] = []
+        self.first = asyncio.Event()
 
     @activity.defn(name="record_workflow_run")
     async def record(self, record: RunRecord) -> None:
         self.records.append(record)
+        self.first.set()
 
 
 @activity.defn(name="ping_pool")
@@ -54,8 +56,7 @@ def workers_for(
         env.client,
         task_queue=task_queue(Queue.ORCHESTRATION, prefix),
         workflows=[DiagnoseSystem],
-        activities=[recorder.record]
-        + ([ping] if Queue.ORCHESTRATION in answering else []),
+        activities=[recorder.record] + ([ping] if Queue.ORCHESTRATION in answering else []),
         workflow_runner=_workflow_runner(),
     )
     others = [
@@ -123,8 +124,10 @@ class TestDiagnoseSystem:
         )
         first, last = recorder.records[0], recorder.records[-1]
         assert first.workflow_id == last.workflow_id == workflow_id
-        assert first.status is RunStatus.RUNNING and first.finished_at is None
-        assert last.status is RunStatus.COMPLETED and last.finished_at is not None
+        assert first.status is RunStatus.RUNNING
+        assert first.finished_at is None
+        assert last.status is RunStatus.COMPLETED
+        assert last.finished_at is not None
         assert last.progress.percent == 100.0
         assert last.kind == "DiagnoseSystem"
         assert last.resource.kind == "system"
@@ -145,8 +148,7 @@ class TestDiagnoseSystem:
                 task_queue=task_queue(Queue.ORCHESTRATION, prefix),
                 memo={QUEUE_PREFIX_MEMO: prefix},
             )
-            while not recorder.records:
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(recorder.first.wait(), 10)
             progress = await handle.query(DiagnoseSystem.progress)
             assert isinstance(progress, Progress)
             assert progress.steps[0].status.value == "running"
@@ -168,20 +170,17 @@ class TestReplay:
             DiagnoseRequest(queues=[Queue.CLUSTER, Queue.MODEL], timeout_seconds=5),
             [Queue.CLUSTER],
         )
-        history = await time_skipping_env.client.get_workflow_handle(
-            workflow_id
-        ).fetch_history()
+        history = await time_skipping_env.client.get_workflow_handle(workflow_id).fetch_history()
         await Replayer(
             workflows=[DiagnoseSystem],
             data_converter=data_converter(),
             workflow_runner=_workflow_runner(),
         ).replay_workflow(history)
 
-    @pytest.mark.parametrize(
-        "path", sorted(HISTORIES.glob("*.json")), ids=lambda p: p.name
-    )
+    @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.json")), ids=lambda p: p.name)
     async def test_recorded_histories_replay(self, path: Path) -> None:
-        history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
+        text = await asyncio.to_thread(path.read_text)
+        history = WorkflowHistory.from_json(path.stem, json.loads(text))
         await Replayer(
             workflows=[DiagnoseSystem],
             data_converter=data_converter(),
