@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -69,6 +71,12 @@ def worker(
     else:
         raise typer.BadParameter("give --queue NAME (repeatable) or --all")
     asyncio.run(run_workers(get_settings(), queues))
+    # The workers drained cleanly. Skip interpreter finalisation: the Temporal SDK's
+    # native threads can abort it at exit (a known SDK issue), turning a clean stop
+    # into a crash report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

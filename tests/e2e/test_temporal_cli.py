@@ -35,9 +35,7 @@ class TestTemporalCli:
         self, api: httpx.AsyncClient, start_workers: StartWorkers, settings: Settings
     ) -> None:
         await start_workers(ALL_QUEUES)
-        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()[
-            "workflow_id"
-        ]
+        workflow_id = (await api.post("/api/v1/system/diagnostics", json={})).json()["workflow_id"]
         await wait_for_status(api, workflow_id, "completed")
         query = f"CpResourceKind = 'system' AND WorkflowId = '{workflow_id}'"
         # Visibility is eventually consistent; give it a moment.
