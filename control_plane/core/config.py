@@ -82,14 +82,43 @@ class StorageSettings(BaseModel):
 
 class AuthSettings(BaseModel):
     mode: Literal["local", "keycloak"] = "local"
+    # Local mode signs access tokens with HS256. `jwt_secret` is the active key, named
+    # `jwt_kid`; keys in `jwt_previous_keys` (kid -> secret) still verify during rotation.
     jwt_secret: SecretStr = SecretStr("dev-secret")
+    jwt_kid: str = Field(default="k1", min_length=1, max_length=64)
+    jwt_previous_keys: dict[str, SecretStr] = {}
+    issuer: str = "control-plane"
+    audience: str = "control-plane"
+    access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)
+    refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # The bootstrap admin created on first start (local mode).
+    bootstrap_tenant: str = "default"
+    bootstrap_admin: str = "admin"
 
 
 class KeycloakSettings(BaseModel):
+    # Base URL the control plane uses to reach Keycloak (JWKS, admin API).
     url: str = ""
+    # Base URL that appears in token issuers, when clients reach Keycloak elsewhere.
+    public_url: str = ""
+    audience: str = "control-plane"
     admin_realm: str = "master"
     client_id: str = "control-plane"
     client_secret: SecretStr = SecretStr("")
+    jwks_cache_seconds: int = Field(default=300, ge=10)
+
+
+class VaultSettings(BaseModel):
+    # Master keys wrap each credential's data key: kid -> base64 of 32 random bytes.
+    # The active key wraps new records; the others still unwrap until rotation re-wraps.
+    master_keys: dict[str, SecretStr] = {}
+    active_key: str = ""
+
+
+class CodecSettings(BaseModel):
+    # Temporal payload encryption (AES-GCM): kid -> base64 of 32 bytes; empty = off.
+    keys: dict[str, SecretStr] = {}
+    active_key: str = ""
 
 
 class ApiSettings(BaseModel):
@@ -137,6 +166,8 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     auth: AuthSettings = AuthSettings()
     keycloak: KeycloakSettings = KeycloakSettings()
+    vault: VaultSettings = VaultSettings()
+    codec: CodecSettings = CodecSettings()
     api: ApiSettings = ApiSettings()
     dev: DevSettings = DevSettings()
     worker: WorkerSettings = WorkerSettings()

@@ -1,5 +1,8 @@
 """Imports every table module so `metadata` is complete for migrations and tests."""
 
+from control_plane.audit import tables as audit
+from control_plane.credentials import tables as credentials
+from control_plane.identity import tables as identity
 from control_plane.workflow_runs import tables as workflow_runs
 
-__all__ = ["workflow_runs"]
+__all__ = ["audit", "credentials", "identity", "workflow_runs"]

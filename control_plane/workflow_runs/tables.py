@@ -25,6 +25,8 @@ class WorkflowRun(TableBase, table=True):
     kind: str = Field(max_length=128, index=True)
     resource_kind: str = Field(max_length=64)
     resource_id: str | None = Field(default=None, max_length=255)
+    # No foreign keys: a run's record outlives what it acted on.
+    tenant_id: uuid.UUID | None = Field(default=None, index=True)
     project_id: uuid.UUID | None = Field(default=None, index=True)
     status: str = Field(max_length=32, index=True)
     progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
