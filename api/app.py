@@ -22,6 +22,8 @@ from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import configure_logging, get_logger
 from control_plane.core.redis import create_redis
 from control_plane.core.storage import create_object_store
+from control_plane.identity.authn import Authenticator
+from control_plane.identity.keycloak import external_identity_provider
 
 log = get_logger(__name__)
 
@@ -41,6 +43,7 @@ def _lifespan(settings: Settings) -> Any:
             redis=redis,
             objects=objects,
             temporal=client,
+            auth=Authenticator(settings, redis, external_identity_provider(settings)),
         )
         try:
             await objects.ensure_ready()

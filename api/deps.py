@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from api.state import AppState
 from control_plane.core.config import Settings
 from control_plane.core.db import session_scope
+from control_plane.core.errors import Forbidden, Unauthenticated
+from control_plane.identity.permissions import Principal
 
 
 def get_state(request: Request) -> AppState:
@@ -39,3 +42,27 @@ def get_settings_dep(state: StateDep) -> Settings:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+bearer = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
+
+
+async def get_principal(
+    state: StateDep, session: SessionDep, token: Annotated[str | None, Depends(bearer)]
+) -> Principal:
+    """The caller: a user (our JWT or Keycloak's) or an API key (`cpk_...`)."""
+    if not token:
+        raise Unauthenticated("a bearer token or API key is required")
+    return await state.auth.authenticate(session, token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require_tenant_admin(principal: CurrentPrincipal) -> Principal:
+    if not principal.is_tenant_admin:
+        raise Forbidden("this operation requires the tenant admin role")
+    return principal
+
+
+TenantAdmin = Annotated[Principal, Depends(require_tenant_admin)]

@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from control_plane.core.config import Settings
 from control_plane.core.storage import ObjectStore
+from control_plane.identity.authn import Authenticator
 
 
 @dataclass
@@ -21,3 +22,4 @@ class AppState:
     redis: Redis
     objects: ObjectStore
     temporal: Client
+    auth: Authenticator

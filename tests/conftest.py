@@ -2,4 +2,5 @@ pytest_plugins = [
     "tests.fixtures.infra",
     "tests.fixtures.stack",
     "tests.fixtures.s3",
+    "tests.fixtures.identity",
 ]
