@@ -1,0 +1,188 @@
+"""Request and response bodies of identity routes (never table rows)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from control_plane.identity.permissions import parse_scope
+from control_plane.identity.tables import ProjectRole, ProjectStatus, TenantStatus, UserStatus
+
+_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _slug(value: str) -> str:
+    if not _SLUG.match(value):
+        raise ValueError("use 1-63 lowercase letters, digits and dashes, not at either end")
+    return value
+
+
+def _scopes(values: list[str]) -> list[str]:
+    for scope in values:
+        parse_scope(scope)
+    return sorted(set(values))
+
+
+Slug = Annotated[str, AfterValidator(_slug)]
+Username = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._@+-]+$")
+]
+Password = Annotated[str, StringConstraints(min_length=12, max_length=256)]
+Scopes = Annotated[list[str], AfterValidator(_scopes), Field(min_length=1, max_length=64)]
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    refresh_token: str
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=512)
+
+
+class PasswordChange(BaseModel):
+    current_password: str = Field(min_length=1, max_length=256)
+    new_password: Password
+
+
+class TenantCreate(BaseModel):
+    slug: Slug
+    display_name: str = Field(min_length=1, max_length=255)
+    admin_username: Username = "admin"
+
+
+class TenantUpdate(BaseModel):
+    display_name: str | None = Field(default=None, min_length=1, max_length=255)
+    status: TenantStatus | None = None
+
+
+class TenantRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    slug: str
+    display_name: str
+    status: TenantStatus
+    created_at: datetime
+
+
+class TenantCreated(TenantRead):
+    admin_username: str
+    # Shown once.
+    admin_password: str
+
+
+class UserCreate(BaseModel):
+    username: Username
+    email: str | None = Field(default=None, max_length=320)
+    display_name: str | None = Field(default=None, max_length=255)
+    # Omit to get a generated one-time password back.
+    password: Password | None = None
+    is_tenant_admin: bool = False
+
+
+class UserUpdate(BaseModel):
+    email: str | None = Field(default=None, max_length=320)
+    display_name: str | None = Field(default=None, max_length=255)
+    is_tenant_admin: bool | None = None
+    status: UserStatus | None = None
+
+
+class UserRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    username: str
+    email: str | None
+    display_name: str | None
+    is_tenant_admin: bool
+    status: UserStatus
+    last_login_at: datetime | None
+    created_at: datetime
+
+
+class UserCreated(UserRead):
+    # Present only when the server generated it; shown once.
+    generated_password: str | None = None
+
+
+class MeRead(UserRead):
+    tenant_slug: str
+    projects: dict[uuid.UUID, ProjectRole]
+
+
+class ProjectCreate(BaseModel):
+    name: Slug
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class ProjectUpdate(BaseModel):
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class ProjectRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    description: str | None
+    status: ProjectStatus
+    created_at: datetime
+
+
+class MemberAdd(BaseModel):
+    user_id: uuid.UUID
+    role: ProjectRole
+
+
+class MemberUpdate(BaseModel):
+    role: ProjectRole
+
+
+class MemberRead(BaseModel):
+    user_id: uuid.UUID
+    username: str
+    role: ProjectRole
+    added_at: datetime
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    scopes: Scopes = ["gateway:write"]
+    expires_at: datetime | None = None
+    rpm_limit: int | None = Field(default=None, ge=1, le=10_000_000)
+    tpm_limit: int | None = Field(default=None, ge=1, le=10_000_000_000)
+    allowed_models: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] | None = (
+        Field(default=None, max_length=500)
+    )
+
+
+class ApiKeyRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[str]
+    allowed_models: list[str] | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_by: uuid.UUID | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    # The whole key; shown once, never stored.
+    key: str
