@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,15 +15,28 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.errors import PROBLEM_MEDIA_TYPE, Problem, install_error_handlers
 from api.middleware import RequestLogMiddleware
-from api.routes import health, system, workflows
+from api.routes import (
+    audit,
+    auth,
+    credentials,
+    health,
+    projects,
+    system,
+    temporal_codec,
+    tenants,
+    workflows,
+)
+from api.routes.temporal_codec import TemporalCodecCORS
 from api.state import AppState
 from control_plane.core import temporal
+from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings, get_settings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import configure_logging, get_logger
 from control_plane.core.redis import create_redis
 from control_plane.core.storage import create_object_store
-from control_plane.identity.authn import Authenticator
+from control_plane.credentials.crypto import load_vault
+from control_plane.identity.authn import Authenticator, flush_last_used
 from control_plane.identity.keycloak import external_identity_provider
 
 log = get_logger(__name__)
@@ -31,11 +45,15 @@ log = get_logger(__name__)
 def _lifespan(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # First: a production API without a credential master key must not start.
+        app.state.vault = load_vault(settings)
         engine = create_engine(settings.database)
         redis = create_redis(settings.redis)
         objects = create_object_store(settings)
         # Lazy: the API starts while Temporal is down and says so in /readyz.
-        client = await temporal.connect(settings.temporal, lazy=True)
+        client = await temporal.connect(
+            settings.temporal, codec=payload_codec(settings.codec), lazy=True
+        )
         app.state.cp = AppState(
             settings=settings,
             engine=engine,
@@ -54,16 +72,37 @@ def _lifespan(settings: Settings) -> Any:
                 await temporal.ensure_search_attributes(client)
             except Exception as err:
                 log.warning("api.search_attributes.not_registered", error=str(err))
+        flusher = asyncio.create_task(_flush_api_key_usage(app.state.cp))
         log.info("api.started", port=settings.api.port)
         try:
             yield
         finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await _flush_once(app.state.cp)
             await redis.aclose()
             await objects.close()
             await engine.dispose()
             log.info("api.stopped")
 
     return lifespan
+
+
+LAST_USED_FLUSH_SECONDS = 30
+
+
+async def _flush_once(state: AppState) -> None:
+    try:
+        await flush_last_used(state.sessions, state.redis)
+    except Exception as err:
+        log.warning("api.api_key_usage.flush_failed", error=str(err))
+
+
+async def _flush_api_key_usage(state: AppState) -> None:
+    """API keys record their last use in Redis; this moves it to PostgreSQL in batches."""
+    while True:
+        await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
+        await _flush_once(state)
 
 
 def _problem_openapi(app: FastAPI) -> dict[str, Any]:
@@ -106,8 +145,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(tenants.router)
+    app.include_router(projects.router)
     app.include_router(workflows.router)
     app.include_router(system.router)
+    app.include_router(audit.router)
+    app.include_router(credentials.router)
+    app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()
     Instrumentator(
@@ -117,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ).instrument(app).expose(app, include_in_schema=False)
     app.add_middleware(RequestLogMiddleware)
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    app.add_middleware(TemporalCodecCORS, origins=settings.api.temporal_ui_origins)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

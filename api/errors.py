@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from temporalio.service import RPCError, RPCStatusCode
 
 from control_plane.core.errors import (
@@ -112,8 +113,20 @@ async def _validation_error(request: Request, err: Exception) -> JSONResponse:
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the path accepts (the router reports only the first matching route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(route_methods)
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, HTTPException)
+    if err.status_code == 405:
+        err.headers = {**(err.headers or {}), "Allow": _allowed_methods(request)}
     code = {404: "not-found", 405: "method-not-allowed", 401: "unauthenticated"}.get(
         err.status_code, "http-error"
     )

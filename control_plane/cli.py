@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+credentials_app = typer.Typer(help="Encrypted credentials and their keys.", no_args_is_help=True)
+app.add_typer(credentials_app, name="credentials")
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
@@ -89,6 +91,34 @@ def dev() -> None:
 
 
 @app.command()
+def bootstrap() -> None:
+    """Create the first tenant and admin when no user exists; prints the one-time password."""
+    from control_plane.core.db import create_engine, create_sessionmaker, session_scope
+    from control_plane.identity.service import bootstrap_admin
+
+    _setup_logging()
+    settings = get_settings()
+    if settings.auth.mode != "local":
+        typer.echo("keycloak mode: users come from the identity provider; nothing to bootstrap")
+        return
+
+    async def run() -> tuple[str, str] | None:
+        engine = create_engine(settings.database)
+        try:
+            async with session_scope(create_sessionmaker(engine)) as session:
+                return await bootstrap_admin(session, settings)
+        finally:
+            await engine.dispose()
+
+    created = asyncio.run(run())
+    if created is None:
+        typer.echo("users exist already; nothing to bootstrap")
+        return
+    username, password = created
+    typer.echo(f"bootstrap admin: {username}  password: {password}  (shown once; change it)")
+
+
+@app.command()
 def diagnose(
     timeout: Annotated[int, typer.Option(help="Seconds to wait for each pool.")] = 15,
 ) -> None:
@@ -102,6 +132,64 @@ def diagnose(
     for failure in result.failed:
         typer.echo(f"FAILED  {failure.queue.value:<18} {failure.reason}")
     raise typer.Exit(0 if result.healthy else 1)
+
+
+@credentials_app.command("generate-key")
+def credentials_generate_key() -> None:
+    """Print a new random key (base64 of 32 bytes) for CP_VAULT__MASTER_KEYS or
+    CP_CODEC__KEYS."""
+    from control_plane.core.codec import generate_key
+
+    typer.echo(generate_key())
+
+
+@credentials_app.command("rotate-master-key")
+def credentials_rotate_master_key(
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Credentials re-wrapped per transaction.")
+    ] = 200,
+) -> None:
+    """Re-wrap every credential's data key with the active master key.
+
+    Steps: add the new key to CP_VAULT__MASTER_KEYS, make it CP_VAULT__ACTIVE_KEY
+    everywhere, run this, and remove the old key only once it reports nothing remaining.
+    Safe to rerun: credentials already under the active key are left alone.
+    """
+    from control_plane.core.db import create_engine, create_sessionmaker
+    from control_plane.credentials.crypto import VaultError, load_vault
+    from control_plane.credentials.service import RotationReport, rotate_master_key
+
+    _setup_logging()
+    settings = get_settings()
+    try:
+        vault = load_vault(settings)
+    except VaultError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+    async def run() -> RotationReport:
+        engine = create_engine(settings.database)
+        try:
+            return await rotate_master_key(
+                create_sessionmaker(engine),
+                vault,
+                batch_size=batch_size,
+                on_batch=lambda n: typer.echo(f"re-wrapped {n} credential(s)"),
+            )
+        finally:
+            await engine.dispose()
+
+    try:
+        report = asyncio.run(run())
+    except VaultError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"active master key {report.active_key!r}: {report.rewrapped} re-wrapped, "
+        f"{report.already_current} already current, {report.remaining} remaining "
+        f"({report.live} live credentials)"
+    )
+    raise typer.Exit(0 if report.remaining == 0 else 1)
 
 
 def alembic_config(database_url: str | None = None) -> Config:

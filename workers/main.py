@@ -20,6 +20,7 @@ from temporalio.worker import (
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from control_plane.core import temporal
+from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings, WorkerSettings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import get_logger
@@ -90,7 +91,7 @@ def build_workers(
 
 async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
     """Run until SIGINT/SIGTERM, then let running activities finish or heartbeat out."""
-    client = await temporal.connect(settings.temporal)
+    client = await temporal.connect(settings.temporal, codec=payload_codec(settings.codec))
     if settings.temporal.register_search_attributes:
         await temporal.ensure_search_attributes(client)
     engine = create_engine(settings.database)

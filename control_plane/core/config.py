@@ -125,6 +125,8 @@ class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: list[str] = []
+    # Browsers of the Temporal Web UI call the payload codec endpoint from these origins.
+    temporal_ui_origins: list[str] = ["http://127.0.0.1:8233", "http://localhost:8233"]
     # How often the SSE stream polls a workflow's progress query.
     events_poll_seconds: float = Field(default=0.5, gt=0, le=30)
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import LargeBinary, UniqueConstraint
+from sqlalchemy import Index, LargeBinary, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field
 
@@ -14,9 +14,18 @@ from control_plane.core.db import TableBase
 
 class Credential(TableBase, table=True):
     __tablename__ = "credential"
-    # A tenant-wide credential (no project) is unique by name too.
     __table_args__ = (
-        UniqueConstraint("tenant_id", "project_id", "name", postgresql_nulls_not_distinct=True),
+        # Names are unique among live credentials, so a deleted one frees its name; a
+        # tenant-wide credential (no project) is unique by name too.
+        Index(
+            "uq_credential_live_name",
+            "tenant_id",
+            "project_id",
+            "name",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+            postgresql_where=text("status <> 'deleted'"),
+        ),
     )
 
     tenant_id: uuid.UUID = Field(foreign_key="tenant.id", index=True)
@@ -28,7 +37,8 @@ class Credential(TableBase, table=True):
     config: dict[str, Any] = Field(default_factory=dict, sa_type=JSONB)
     # Secret fields, masked for display (`sk-...abcd`).
     masked: dict[str, str] = Field(default_factory=dict, sa_type=JSONB)
-    # AES-GCM of the JSON of secret fields under a random data key...
+    # AES-GCM of the JSON of secret fields under a random data key (all four emptied
+    # when the credential is deleted: the secret is destroyed, the row stays)...
     ciphertext: bytes = Field(sa_type=LargeBinary)
     nonce: bytes = Field(sa_type=LargeBinary)
     # ...and that data key, wrapped (AES-GCM) by the master key `master_key_id`.

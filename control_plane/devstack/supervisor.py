@@ -334,6 +334,7 @@ class DevStack:
         self.settings = settings
         self.data_dir = settings.data_dir.expanduser().resolve()
         self.logs_dir = self.data_dir / "logs"
+        self.bootstrap_line: str | None = None
         self.state_file = self.data_dir / STATE_FILE
         self.stopping = asyncio.Event()
         self.status = "starting"
@@ -542,6 +543,7 @@ class DevStack:
         if self.temporal is None:
             await self._check_external_temporal()
         await self._migrate()
+        await self._bootstrap()
         apps = [self._add(item) for item in plan if item.kind == "application"]
         for child in apps:
             await child.spawn()
@@ -563,13 +565,26 @@ class DevStack:
 
     async def _migrate(self) -> None:
         say("applying database migrations (cpctl db upgrade)")
-        log_path = self.logs_dir / "migrations.log"
+        text = await self._one_shot("migrations", ["db", "upgrade"])
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        with (self.logs_dir / "migrations.log").open("a") as log:
+            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} cpctl db upgrade\n{text}")
+
+    async def _bootstrap(self) -> None:
+        # Its output carries a one-time password: shown in the banner, never written to a log.
+        text = await self._one_shot("bootstrap", ["bootstrap"])
+        self.bootstrap_line = next(
+            (line.strip() for line in text.splitlines() if line.startswith("bootstrap admin:")),
+            None,
+        )
+
+    async def _one_shot(self, label: str, args: list[str]) -> str:
+        """Run `cpctl <args>` to completion with the children's environment; its output."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "control_plane.cli",
-            "db",
-            "upgrade",
+            *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -587,16 +602,13 @@ class DevStack:
             await asyncio.gather(output, return_exceptions=True)
             if self.stopping.is_set():
                 raise Interrupted
-            raise StartupError(f"migrations did not finish within {MIGRATION_TIMEOUT_SECONDS:g} s")
+            raise StartupError(f"{label} did not finish within {MIGRATION_TIMEOUT_SECONDS:g} s")
         text = (output.result()[0] or b"").decode(errors="replace")
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        with log_path.open("a") as log:
-            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} cpctl db upgrade\n{text}")
         if process.returncode != 0:
             raise StartupError(
-                f"migrations failed with {describe_exit(process.returncode or 0)}:\n"
-                f"{last_lines(text)}\n(full output in {log_path})"
+                f"{label} failed with {describe_exit(process.returncode or 0)}:\n{last_lines(text)}"
             )
+        return text
 
     async def _stop_all(self) -> None:
         self.status = "stopping"
@@ -714,6 +726,11 @@ class DevStack:
         ]
         lines = [f"control-plane dev stack ready in {seconds:.1f} s"]
         lines += [f"  {label:<12} {value}" for label, value in rows]
+        if self.bootstrap_line:
+            lines.append(f"  {self.bootstrap_line}")
+            lines.append(
+                "  (sign in at /docs -> Authorize; change it with POST /api/v1/auth/password)"
+            )
         lines.append("Ctrl-C stops everything.")
         rule = "-" * max(len(line) for line in lines)
         print("\n".join([rule, *lines, rule]), flush=True)

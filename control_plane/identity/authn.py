@@ -7,16 +7,20 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from control_plane.core.config import Settings
-from control_plane.core.db import utcnow
+from control_plane.core.db import session_scope, utcnow
 from control_plane.core.errors import Unauthenticated
 from control_plane.core.logging import get_logger
 from control_plane.core.security import LocalTokens, constant_time_equal, sha256_hex
 from control_plane.identity.permissions import Principal
 from control_plane.identity.repository import IdentityRepository
-from control_plane.identity.tables import ProjectStatus, TenantStatus, User, UserStatus
+from control_plane.identity.tables import ApiKey, ProjectStatus, TenantStatus, User, UserStatus
 
 log = get_logger(__name__)
 
@@ -116,7 +120,30 @@ class Authenticator:
             log.warning("identity.api_key.last_used_failed", error=str(err))
 
 
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def parse_last_used(raw: bytes | str) -> datetime:
-    value = raw.decode() if isinstance(raw, bytes) else raw
+    value = _text(raw)
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+async def flush_last_used(sessions: async_sessionmaker[AsyncSession], redis: Redis) -> int:
+    """Move last-used times from Redis into PostgreSQL in one batch; returns keys updated."""
+    batch = f"{LAST_USED_KEY}:flushing"
+    try:
+        await redis.rename(LAST_USED_KEY, batch)
+    except ResponseError:  # nothing recorded since the last flush
+        return 0
+    entries = await redis.hgetall(batch)
+    async with session_scope(sessions) as session:
+        for raw_id, raw_time in entries.items():
+            await session.exec(
+                update(ApiKey)
+                .where(col(ApiKey.id) == uuid.UUID(_text(raw_id)))
+                .values(last_used_at=parse_last_used(raw_time))
+            )
+    await redis.delete(batch)
+    return len(entries)

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+)
 
-from control_plane.identity.permissions import parse_scope
+from control_plane.identity.permissions import RESOURCES, parse_scope
 from control_plane.identity.tables import ProjectRole, ProjectStatus, TenantStatus, UserStatus
 
-_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def _slug(value: str) -> str:
-    if not _SLUG.match(value):
-        raise ValueError("use 1-63 lowercase letters, digits and dashes, not at either end")
-    return value
+SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+SCOPE_PATTERN = r"^(\*|" + "|".join(sorted(RESOURCES)) + r"):(read|write|admin)$"
 
 
 def _scopes(values: list[str]) -> list[str]:
@@ -27,12 +28,14 @@ def _scopes(values: list[str]) -> list[str]:
     return sorted(set(values))
 
 
-Slug = Annotated[str, AfterValidator(_slug)]
+# 1-63 lowercase letters, digits and dashes, not at either end.
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN)]
+Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
 Username = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._@+-]+$")
 ]
 Password = Annotated[str, StringConstraints(min_length=12, max_length=256)]
-Scopes = Annotated[list[str], AfterValidator(_scopes), Field(min_length=1, max_length=64)]
+Scopes = Annotated[list[Scope], AfterValidator(_scopes), Field(min_length=1, max_length=64)]
 
 
 class TokenPair(BaseModel):
@@ -84,13 +87,13 @@ class UserCreate(BaseModel):
     display_name: str | None = Field(default=None, max_length=255)
     # Omit to get a generated one-time password back.
     password: Password | None = None
-    is_tenant_admin: bool = False
+    is_tenant_admin: StrictBool = False
 
 
 class UserUpdate(BaseModel):
     email: str | None = Field(default=None, max_length=320)
     display_name: str | None = Field(default=None, max_length=255)
-    is_tenant_admin: bool | None = None
+    is_tenant_admin: StrictBool | None = None
     status: UserStatus | None = None
 
 

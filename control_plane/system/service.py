@@ -8,8 +8,11 @@ from uuid import uuid4
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from control_plane.audit import service as audit
 from control_plane.core import temporal
+from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings
+from control_plane.identity.permissions import Principal
 from control_plane.workflow_runs.service import WorkflowRunService
 from workflows.contracts.common import ResourceRef
 from workflows.contracts.system import DiagnoseRequest, DiagnoseResult
@@ -19,24 +22,37 @@ RESOURCE = ResourceRef(kind="system")
 
 
 async def start_diagnosis(
-    session: AsyncSession, client: Client, request: DiagnoseRequest, *, queue_prefix: str
+    session: AsyncSession,
+    client: Client,
+    request: DiagnoseRequest,
+    principal: Principal,
+    *,
+    queue_prefix: str,
 ) -> str:
     workflow_id = f"system-diagnose-{uuid4()}"
+    resource = RESOURCE.model_copy(update={"tenant_id": principal.tenant_id})
     handle = await temporal.start_workflow(
         client,
         DIAGNOSE_WORKFLOW,
         request,
         workflow_id=workflow_id,
-        resource=RESOURCE,
+        resource=resource,
         queue_prefix=queue_prefix,
     )
-    await WorkflowRunService(session, client).record_started(handle, DIAGNOSE_WORKFLOW, RESOURCE)
+    await WorkflowRunService(session, client).record_started(handle, DIAGNOSE_WORKFLOW, resource)
+    await audit.record(
+        session,
+        actor=principal,
+        action="system.diagnose",
+        resource_kind="workflow",
+        resource_id=workflow_id,
+    )
     return workflow_id
 
 
 async def run_diagnosis(settings: Settings, timeout_seconds: int) -> DiagnoseResult:
     """Start a diagnosis and wait for its result (used by `cpctl diagnose`)."""
-    client = await temporal.connect(settings.temporal)
+    client = await temporal.connect(settings.temporal, codec=payload_codec(settings.codec))
     handle = await temporal.start_workflow(
         client,
         DIAGNOSE_WORKFLOW,

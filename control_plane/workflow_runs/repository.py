@@ -28,6 +28,7 @@ class WorkflowRunRepository:
             "resource_kind": record.resource.kind,
             "resource_id": record.resource.id,
             "project_id": record.resource.project_id,
+            "tenant_id": record.resource.tenant_id,
             "status": record.status.value,
             "progress": record.progress.model_dump(mode="json"),
             "error": record.error,
@@ -76,7 +77,7 @@ class WorkflowRunRepository:
     async def list(
         self, filters: WorkflowRunFilters, *, page: int, limit: int, sort: str, descending: bool
     ) -> tuple[list[WorkflowRun], int]:
-        conditions = []
+        conditions: list[Any] = []
         if filters.kind:
             conditions.append(WorkflowRun.kind == filters.kind)
         if filters.status:
@@ -87,6 +88,10 @@ class WorkflowRunRepository:
             conditions.append(WorkflowRun.resource_id == filters.resource_id)
         if filters.project_id:
             conditions.append(WorkflowRun.project_id == filters.project_id)
+        if filters.tenant_id:
+            conditions.append(WorkflowRun.tenant_id == filters.tenant_id)
+        if filters.visible_projects is not None:
+            conditions.append(col(WorkflowRun.project_id).in_(filters.visible_projects))
         column = getattr(WorkflowRun, sort)
         order = column.desc() if descending else column.asc()
         total = (

@@ -16,6 +16,7 @@ class WorkflowRunRead(BaseModel):
     kind: str
     resource_kind: str
     resource_id: str | None
+    tenant_id: uuid.UUID | None
     project_id: uuid.UUID | None
     status: RunStatus
     progress: Progress
@@ -43,3 +44,6 @@ class WorkflowRunFilters(BaseModel):
     resource_kind: str | None = None
     resource_id: str | None = None
     project_id: uuid.UUID | None = None
+    # Set by the service from the caller, never from the request.
+    tenant_id: uuid.UUID | None = None
+    visible_projects: set[uuid.UUID] | None = None

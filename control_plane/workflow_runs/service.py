@@ -12,10 +12,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
+from control_plane.audit import service as audit
 from control_plane.core import temporal
 from control_plane.core.db import session_scope
 from control_plane.core.errors import Conflict, DependencyUnavailable, NotFound
 from control_plane.core.logging import get_logger
+from control_plane.identity.permissions import Principal, authorize
 from control_plane.workflow_runs.repository import SORTABLE, WorkflowRunRepository
 from control_plane.workflow_runs.schemas import (
     WorkflowRunDetail,
@@ -55,6 +57,7 @@ class WorkflowRunService:
 
     async def list(
         self,
+        principal: Principal,
         filters: WorkflowRunFilters,
         *,
         page: int = 1,
@@ -64,6 +67,13 @@ class WorkflowRunService:
     ) -> WorkflowRunList:
         if sort not in SORTABLE:
             raise ValueError(f"sort must be one of {sorted(SORTABLE)}")
+        authorize(principal, "workflows:read", tenant_id=principal.tenant_id)
+        filters = filters.model_copy(
+            update={
+                "tenant_id": principal.tenant_id,
+                "visible_projects": principal.visible_projects(),
+            }
+        )
         rows, total = await self.repo.list(
             filters, page=page, limit=limit, sort=sort, descending=descending
         )
@@ -74,18 +84,32 @@ class WorkflowRunService:
             limit=limit,
         )
 
-    async def require(self, workflow_id: str) -> WorkflowRun:
+    async def require(
+        self, principal: Principal, workflow_id: str, scope: str = "workflows:read"
+    ) -> WorkflowRun:
         row = await self.repo.get(workflow_id)
-        if row is None:
+        if row is None or row.tenant_id is None:
             raise NotFound(f"workflow {workflow_id} not found")
+        if row.project_id is None:
+            # Tenant-level runs (system checks, cluster operations) are for tenant admins.
+            if not principal.is_tenant_admin or row.tenant_id != principal.tenant_id:
+                raise NotFound(f"workflow {workflow_id} not found")
+            return row
+        authorize(
+            principal,
+            scope,
+            tenant_id=row.tenant_id,
+            project_id=row.project_id,
+            what=f"workflow {workflow_id}",
+        )
         return row
 
-    async def get(self, workflow_id: str) -> WorkflowRunDetail:
-        row = await self.require(workflow_id)
+    async def get(self, principal: Principal, workflow_id: str) -> WorkflowRunDetail:
+        row = await self.require(principal, workflow_id)
         status, progress = await self.live_state(row)
         if status is not None and status.finished and row.status == RunStatus.RUNNING.value:
             await self.repo.mark_finished(workflow_id, status, None, None)
-            row = await self.require(workflow_id)
+            row = await self.require(principal, workflow_id)
         read = WorkflowRunRead.model_validate(row)
         data = read.model_dump()
         if progress is not None:
@@ -118,8 +142,8 @@ class WorkflowRunService:
             return status, None
         return status, progress
 
-    async def cancel(self, workflow_id: str) -> WorkflowRunDetail:
-        row = await self.require(workflow_id)
+    async def cancel(self, principal: Principal, workflow_id: str) -> WorkflowRunDetail:
+        row = await self.require(principal, workflow_id, "workflows:write")
         status, _ = await self.live_state(row)
         if status is None:
             raise DependencyUnavailable(
@@ -131,12 +155,22 @@ class WorkflowRunService:
             await self.client.get_workflow_handle(workflow_id).cancel()
         except RPCError as err:
             raise temporal.rpc_error(err) from err
-        return await self.get(workflow_id)
+        await audit.record(
+            self.repo.session,
+            actor=principal,
+            action="workflow.cancel",
+            resource_kind="workflow",
+            resource_id=workflow_id,
+            tenant_id=row.tenant_id,
+            project_id=row.project_id,
+        )
+        return await self.get(principal, workflow_id)
 
 
 async def stream_events(
     sessions: async_sessionmaker[AsyncSession],
     client: Client,
+    principal: Principal,
     workflow_id: str,
     poll_seconds: float,
 ) -> AsyncIterator[dict[str, Any]]:
@@ -148,7 +182,7 @@ async def stream_events(
     last: dict[str, Any] | None = None
     while True:
         async with session_scope(sessions) as session:
-            detail = await WorkflowRunService(session, client).get(workflow_id)
+            detail = await WorkflowRunService(session, client).get(principal, workflow_id)
         snapshot = detail.progress.model_dump(mode="json", exclude={"updated_at"})
         if snapshot != last:
             last = snapshot

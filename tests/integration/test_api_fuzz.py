@@ -2,18 +2,39 @@
 OpenAPI schema and sent over real HTTP to the API running on real dependencies:
 no 5xx, and every response (status, content type, body) matches the schema.
 
-Routes added by later issues join automatically. Authentication arrives with the
-identity issue; until then the routes are open and no credentials are sent.
+Routes added by later issues join automatically. Requests carry a tenant admin's
+bearer token, so the fuzzer reaches past authentication into every route.
 """
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from api.app import create_app
 from control_plane.core.config import Settings
+from control_plane.core.db import create_engine
+from tests.fixtures.identity import IdentityFactory
 from tests.fixtures.stack import ApiServer
+
+
+@pytest.fixture
+def admin_headers(settings: Settings) -> dict[str, str]:
+    """A tenant admin in this test's database (sync test: its own short event loop)."""
+
+    async def make() -> dict[str, str]:
+        engine = create_engine(settings.database)
+        try:
+            factory = IdentityFactory(engine, settings)
+            return (await factory.user(await factory.tenant(), admin=True)).headers
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(make())
+
 
 schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).openapi())
 
@@ -27,6 +48,7 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).ope
 def test_api_conforms_to_its_schema(
     case: schemathesis.Case,  # type: ignore[type-arg]
     api_server: ApiServer,
+    admin_headers: dict[str, str],
 ) -> None:
-    response = case.call(base_url=api_server.url, timeout=30)
+    response = case.call(base_url=api_server.url, headers=admin_headers, timeout=30)
     case.validate_response(response)

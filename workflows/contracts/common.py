@@ -65,6 +65,7 @@ class ResourceRef(BaseModel):
     kind: str
     id: str | None = None
     project_id: uuid.UUID | None = None
+    tenant_id: uuid.UUID | None = None
 
 
 class RunRecord(BaseModel):
