@@ -54,6 +54,7 @@ def _lifespan(settings: Settings) -> Any:
         client = await temporal.connect(
             settings.temporal, codec=payload_codec(settings.codec), lazy=True
         )
+        identity_provider = external_identity_provider(settings)
         app.state.cp = AppState(
             settings=settings,
             engine=engine,
@@ -61,7 +62,7 @@ def _lifespan(settings: Settings) -> Any:
             redis=redis,
             objects=objects,
             temporal=client,
-            auth=Authenticator(settings, redis, external_identity_provider(settings)),
+            auth=Authenticator(settings, redis, identity_provider),
         )
         try:
             await objects.ensure_ready()
@@ -80,6 +81,8 @@ def _lifespan(settings: Settings) -> Any:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
             await _flush_once(app.state.cp)
+            if identity_provider is not None:
+                await identity_provider.aclose()
             await redis.aclose()
             await objects.close()
             await engine.dispose()

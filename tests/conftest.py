@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.s3",
     "tests.fixtures.identity",
+    "tests.fixtures.oidc",
 ]

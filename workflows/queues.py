@@ -22,6 +22,8 @@ class Queue(StrEnum):
 
 ALL_QUEUES: tuple[Queue, ...] = tuple(Queue)
 QUEUE_PREFIX_MEMO = "cp_queue_prefix"
+# The resource (kind, id, tenant, project) a run acts on, as the starter saw it.
+RESOURCE_MEMO = "cp_resource"
 
 
 def task_queue(queue: Queue, prefix: str = "") -> str:

@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
         RunStatus,
         StepStatus,
     )
-    from workflows.queues import QUEUE_PREFIX_MEMO, Queue, task_queue
+    from workflows.queues import QUEUE_PREFIX_MEMO, RESOURCE_MEMO, Queue, task_queue
 
 RECORD_RUN_ACTIVITY = "record_workflow_run"
 
@@ -104,8 +104,12 @@ class TrackedWorkflow:
     _error: str | None = None
 
     def track(self, steps: list[str], resource: ResourceRef) -> ProgressTracker:
+        """`resource` is the fallback; the starter's memo (tenant, project) wins."""
         self._tracker = ProgressTracker(steps)
-        self._resource = resource
+        started_for: ResourceRef | None = workflow.memo_value(
+            RESOURCE_MEMO, None, type_hint=ResourceRef
+        )
+        self._resource = started_for or resource
         return self._tracker
 
     @workflow.query(name=PROGRESS_QUERY)

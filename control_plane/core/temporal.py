@@ -29,7 +29,7 @@ from workflows.contracts.common import (
     ResourceRef,
     RunStatus,
 )
-from workflows.queues import QUEUE_PREFIX_MEMO, Queue, task_queue
+from workflows.queues import QUEUE_PREFIX_MEMO, RESOURCE_MEMO, Queue, task_queue
 
 log = get_logger(__name__)
 
@@ -128,7 +128,7 @@ async def start_workflow(
             id=workflow_id,
             task_queue=task_queue(Queue.ORCHESTRATION, queue_prefix),
             search_attributes=search_attributes(resource),
-            memo={QUEUE_PREFIX_MEMO: queue_prefix},
+            memo={QUEUE_PREFIX_MEMO: queue_prefix, RESOURCE_MEMO: resource},
             result_type=result_type,
             id_conflict_policy=(
                 WorkflowIDConflictPolicy.USE_EXISTING if ensure else WorkflowIDConflictPolicy.FAIL

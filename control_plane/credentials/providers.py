@@ -43,7 +43,7 @@ def _json_text(value: Any) -> Any:
 def _service_account(value: SecretStr) -> SecretStr:
     try:
         document = json.loads(value.get_secret_value())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("must be a JSON service account key") from None
     if not isinstance(document, dict) or document.get("type") != "service_account":
         raise ValueError('must be a service account key (JSON with "type": "service_account")')
@@ -56,7 +56,7 @@ def _service_account(value: SecretStr) -> SecretStr:
 def _kubeconfig(value: SecretStr) -> SecretStr:
     try:
         document = yaml.safe_load(value.get_secret_value())
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ValueError("must be a kubeconfig (YAML)") from None
     if not isinstance(document, dict):
         raise ValueError("must be a kubeconfig (a YAML mapping)")
@@ -75,9 +75,20 @@ def _is_secret(annotation: Any) -> bool:
     return False
 
 
-HttpUrlText = Annotated[str, Field(max_length=2048), AfterValidator(_http_url)]
-Text = Annotated[str, Field(min_length=1, max_length=255)]
-Token = Annotated[SecretStr, Field(min_length=1, max_length=8192)]
+# PostgreSQL text cannot hold NUL, and no identifier, URL or key needs a control character.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
+
+def _single_line(value: SecretStr) -> SecretStr:
+    if _CONTROL.search(value.get_secret_value()):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+HttpUrlText = Annotated[str, Field(max_length=2048, pattern=_PRINTABLE), AfterValidator(_http_url)]
+Text = Annotated[str, Field(min_length=1, max_length=255, pattern=_PRINTABLE)]
+Token = Annotated[SecretStr, Field(min_length=1, max_length=8192), AfterValidator(_single_line)]
 # Documents (service account keys, kubeconfigs) carry certificates and private keys.
 Document = Annotated[SecretStr, Field(min_length=1, max_length=512 * 1024)]
 

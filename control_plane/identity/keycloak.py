@@ -284,7 +284,7 @@ class KeycloakIdentityProvider:
                 if issuer.startswith(prefix):
                     realm = issuer[len(prefix) :]
                     if not _valid_realm(realm):
-                        break
+                        continue
                     if realm == self.settings.admin_realm:
                         raise Unauthenticated("the keycloak admin realm is not a tenant")
                     return realm
@@ -439,6 +439,8 @@ class KeycloakIdentityProvider:
             holder = await repo.user_by_username(user.tenant_id, verified.username)
             if holder is None:
                 user.username, changed = verified.username, True
+            else:
+                log.warning("identity.keycloak.username_taken", user_id=str(user.id))
         # Absent claims (a token without the email or profile scope) keep what we know.
         if verified.email is not None and user.email != verified.email:
             user.email, changed = verified.email, True

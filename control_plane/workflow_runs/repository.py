@@ -39,6 +39,9 @@ class WorkflowRunRepository:
         table = WorkflowRun.__table__  # type: ignore[attr-defined]
         update: dict[str, Any] = {k: stmt.excluded[k] for k in values if k != "workflow_id"}
         update["updated_at"] = utcnow()
+        # A run's owner, once known, is never forgotten by a later record without one.
+        for owner in ("tenant_id", "project_id"):
+            update[owner] = func.coalesce(stmt.excluded[owner], table.c[owner])
         # A retried, stale "running" record must never reopen a run already recorded as
         # finished; a new run (continue-as-new, re-run) always wins.
         stmt = stmt.on_conflict_do_update(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +90,18 @@ class DevStack:
 
     def output(self) -> str:
         return self.output_file.read_text(errors="replace") if self.output_file else ""
+
+    def login(self) -> dict[str, str]:
+        """Sign in with the bootstrap admin the banner printed on this run."""
+        found = re.search(r"bootstrap admin: (\S+)\s+password: (\S+)", self.output())
+        assert found, self.output()
+        response = httpx.post(
+            f"{self.api_url}/api/v1/auth/token",
+            data={"username": found.group(1), "password": found.group(2)},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
     def diagnostics(self) -> str:
         tails = []
@@ -245,6 +258,8 @@ class TestRunningStack:
         for key in ("api", "api_docs", "readiness", "temporal_ui", "postgres", "redis"):
             assert urls[key] in output, key
         assert str(stack.data_dir.resolve() / "logs") in output
+        assert "bootstrap admin: admin" in output
+        assert "password" not in (stack.data_dir / "logs" / "migrations.log").read_text()
 
     @pytest.mark.timeout(300)
     def test_temporal_ui_answers(self, stack: DevStack) -> None:
@@ -320,12 +335,19 @@ class TestLifecycle:
         dev = DevStack(tmp_path / "data")
         try:
             dev.start()
-            started = httpx.post(f"{dev.api_url}/api/v1/system/diagnostics", json={}, timeout=30)
+            headers = dev.login()
+            unauthenticated = httpx.post(f"{dev.api_url}/api/v1/system/diagnostics", json={})
+            assert unauthenticated.status_code == 401
+            started = httpx.post(
+                f"{dev.api_url}/api/v1/system/diagnostics", json={}, headers=headers, timeout=30
+            )
             assert started.status_code == 202, started.text
             workflow_id = started.json()["workflow_id"]
 
             def finished() -> dict[str, Any] | None:
-                response = httpx.get(f"{dev.api_url}/api/v1/workflows/{workflow_id}", timeout=10)
+                response = httpx.get(
+                    f"{dev.api_url}/api/v1/workflows/{workflow_id}", headers=headers, timeout=10
+                )
                 run: dict[str, Any] = response.json()
                 return run if response.status_code == 200 and run["status"] != "running" else None
 
@@ -335,7 +357,11 @@ class TestLifecycle:
             self._stop_cleanly(dev)
 
             dev.start()
-            response = httpx.get(f"{dev.api_url}/api/v1/workflows/{workflow_id}", timeout=10)
+            # The one-time password is shown on the first start only.
+            assert "bootstrap admin:" not in dev.output()
+            response = httpx.get(
+                f"{dev.api_url}/api/v1/workflows/{workflow_id}", headers=headers, timeout=10
+            )
             assert response.status_code == 200, response.text
             assert response.json()["status"] == "completed"
             assert response.json()["run_id"] == run["run_id"]

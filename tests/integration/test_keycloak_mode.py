@@ -24,7 +24,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -114,6 +115,7 @@ class Keycloak:
             return (await session.exec(select(func.count()).select_from(User))).one()
 
 
+@asynccontextmanager
 async def _build_keycloak(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
@@ -136,7 +138,7 @@ async def _build_keycloak(
 async def keycloak(
     settings: Settings, sessions: async_sessionmaker[AsyncSession]
 ) -> AsyncIterator[Keycloak]:
-    async for built in _build_keycloak(settings, sessions):
+    async with _build_keycloak(settings, sessions) as built:
         yield built
 
 
@@ -217,7 +219,8 @@ class TestProvisioning:
         principal = await keycloak.authenticate(await oidc_server.token(realm, second))
 
         old, new = await keycloak.user(first.sub), await keycloak.user(second.sub)
-        assert old is not None and new is not None
+        assert old is not None
+        assert new is not None
         assert principal.user_id == new.id != old.id
         assert new.username.startswith("erin.")
 
@@ -475,7 +478,7 @@ class TestKeycloakUnreachable:
         )
         token = await oidc_server.token(realm, await oidc_server.create_user(realm))
 
-        async for keycloak in _build_keycloak(unreachable, sessions):
+        async with _build_keycloak(unreachable, sessions) as keycloak:
             for _ in range(3):
                 with pytest.raises(DependencyUnavailable) as raised:
                     await keycloak.authenticate(token)
@@ -493,7 +496,7 @@ class TestKeycloakUnreachable:
         network = _Switch()
         now = [0.0]
         token = await oidc_server.token(realm, await oidc_server.create_user(realm))
-        async for keycloak in _build_keycloak(settings, sessions, transport=network):
+        async with _build_keycloak(settings, sessions, transport=network) as keycloak:
             keycloak.provider.keys = RealmKeyCache(
                 settings.keycloak, keycloak.provider.http, clock=lambda: now[0]
             )
@@ -521,7 +524,7 @@ class TestKeycloakUnreachable:
         trent = await oidc_server.create_user(realm)
         token = await oidc_server.token(realm, trent, host=f"localhost:{oidc_server.port}")
 
-        async for keycloak in _build_keycloak(split, sessions):
+        async with _build_keycloak(split, sessions) as keycloak:
             principal = await keycloak.authenticate(token)
             assert principal.username == trent.username
             # Keys come from the internal URL, whatever host the issuer names.
@@ -622,28 +625,24 @@ def admin_stand_in() -> Iterator[AdminStandIn]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     stand_in = AdminStandIn(f"http://127.0.0.1:{server.server_port}", {"acme": {}}, [])
     handler.stand_in = stand_in
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield stand_in
     server.shutdown()
     server.server_close()
 
 
-RealmAdminFactory = Callable[..., Awaitable[RealmAdmin]]
-
-
 @pytest_asyncio.fixture(loop_scope="session")
-async def realm_admin(
-    settings: Settings, admin_stand_in: AdminStandIn
-) -> AsyncIterator[Callable[..., RealmAdmin]]:
+async def realm_admin(admin_stand_in: AdminStandIn) -> AsyncIterator[Callable[..., RealmAdmin]]:
     made: list[RealmAdmin] = []
 
     def make(url: str = admin_stand_in.url, secret: str = CLIENT_SECRET) -> RealmAdmin:
         admin = RealmAdmin(
-            settings.model_copy(
-                update={
-                    "keycloak": KeycloakSettings(url=url, client_secret=SecretStr(secret)),
-                }
+            Settings(
+                _env_file=None,
+                environment="test",
+                auth={"mode": "keycloak"},
+                keycloak={"url": url, "client_secret": secret},
             )
         )
         made.append(admin)

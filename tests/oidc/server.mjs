@@ -151,6 +151,10 @@ async function control(req, res, path) {
   if (action === '/users') {
     const body = await readJson(req);
     const user = { sub: randomUUID(), ...body };
+    // Same sub = the same person with a new profile: replace the old entry.
+    for (const [name, existing] of realm.users) {
+      if (existing.sub === user.sub) realm.users.delete(name);
+    }
     realm.users.set(user.username, user);
     return send(res, 201, { sub: user.sub });
   }
