@@ -34,6 +34,7 @@ from control_plane.core.config import Settings, get_settings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import configure_logging, get_logger
 from control_plane.core.redis import create_redis
+from control_plane.core.security import with_dev_signing_key
 from control_plane.core.storage import create_object_store
 from control_plane.credentials.crypto import load_vault
 from control_plane.identity.authn import Authenticator, flush_last_used
@@ -138,7 +139,7 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = with_dev_signing_key(settings or get_settings())
     configure_logging(level=settings.log_level, json=settings.json_logs)
     app = FastAPI(
         title="control-plane",

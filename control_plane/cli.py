@@ -118,6 +118,36 @@ def bootstrap() -> None:
     typer.echo(f"bootstrap admin: {username}  password: {password}  (shown once; change it)")
 
 
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit log's hash chain; exit 1 at the first row that was tampered with."""
+    from control_plane.audit.service import verify_chain
+    from control_plane.core.db import create_engine, create_sessionmaker, session_scope
+
+    _setup_logging()
+    settings = get_settings()
+
+    async def run() -> tuple[int, int | None, str | None]:
+        engine = create_engine(settings.database)
+        try:
+            async with session_scope(create_sessionmaker(engine)) as session:
+                report = await verify_chain(session)
+        finally:
+            await engine.dispose()
+        return report.checked, report.first_bad_seq, report.reason
+
+    checked, bad, reason = asyncio.run(run())
+    if bad is None:
+        typer.echo(f"audit chain intact: {checked} events verified")
+        return
+    typer.echo(f"audit chain BROKEN at event {bad}: {reason} ({checked} verified before it)")
+    raise typer.Exit(1)
+
+
 @app.command()
 def diagnose(
     timeout: Annotated[int, typer.Option(help="Seconds to wait for each pool.")] = 15,

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from pydantic import SecretStr
 
-from control_plane.core.config import AuthSettings
+from control_plane.core.config import PLACEHOLDER_SECRETS, AuthSettings, Environment, Settings
 from control_plane.core.db import utcnow
 from control_plane.core.errors import Unauthenticated
 
@@ -31,6 +36,39 @@ def verify_password(password_hash: str, password: str) -> bool:
         return _hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def load_or_create_secret(path: Path, generate: Callable[[], str]) -> str:
+    """A secret kept in a 0600 file, created once (dev stacks that must survive restarts).
+
+    Written aside and linked into place, so processes starting together end up with one
+    value, never a torn or replaced file.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(generate() + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def with_dev_signing_key(settings: Settings) -> Settings:
+    """In dev, a placeholder JWT secret is replaced by a random one kept in the data dir:
+    a publicly known signing key would let anyone forge tokens for a dev stack."""
+    secret = settings.auth.jwt_secret.get_secret_value()
+    if settings.environment is not Environment.DEV or secret not in PLACEHOLDER_SECRETS:
+        return settings
+    key = load_or_create_secret(settings.data_dir / "auth-signing.key", lambda: new_secret(48))
+    auth = settings.auth.model_copy(update={"jwt_secret": SecretStr(key)})
+    return settings.model_copy(update={"auth": auth})
 
 
 def new_secret(nbytes: int = 32) -> str:

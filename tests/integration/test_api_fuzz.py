@@ -36,7 +36,9 @@ def admin_headers(settings: Settings) -> dict[str, str]:
     return asyncio.run(make())
 
 
-schema = schemathesis.openapi.from_dict(create_app(Settings(_env_file=None)).openapi())
+schema = schemathesis.openapi.from_dict(
+    create_app(Settings(_env_file=None, environment="test")).openapi()
+)
 
 
 @schema.parametrize()

@@ -236,9 +236,9 @@ class TestProvisioning:
 
         with pytest.raises(Unauthenticated, match="disabled"):
             await keycloak.authenticate(await oidc_server.token(realm, frank))
-        row = await keycloak.user(frank.sub)
-        assert row is not None
-        assert row.status == UserStatus.DISABLED.value
+        disabled = await keycloak.user(frank.sub)
+        assert disabled is not None
+        assert disabled.status == UserStatus.DISABLED.value
 
     async def test_a_token_for_our_audience_from_another_client_is_accepted(
         self, oidc_server: OidcServer, realm: str, keycloak: Keycloak
@@ -590,7 +590,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             return self._reply(
                 200, {"access_token": self.admin_token, "expires_in": 60, "token_type": "Bearer"}
             )
-        body = json.loads(raw) if raw else None
+        body: dict[str, Any] = json.loads(raw) if raw else {}
         self.stand_in.requests.append((self.command, self.path, body))
         if self.headers.get("Authorization") != f"Bearer {self.admin_token}":
             return self._reply(401, {"error": "HTTP 401 Unauthorized"})
@@ -624,7 +624,7 @@ def admin_stand_in() -> Iterator[AdminStandIn]:
     handler = type("Handler", (_AdminHandler,), {})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     stand_in = AdminStandIn(f"http://127.0.0.1:{server.server_port}", {"acme": {}}, [])
-    handler.stand_in = stand_in
+    handler.stand_in = stand_in  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield stand_in
