@@ -1,7 +1,7 @@
 pytest_plugins = [
     "tests.fixtures.infra",
+    "tests.fixtures.identity",
     "tests.fixtures.stack",
     "tests.fixtures.s3",
-    "tests.fixtures.identity",
     "tests.fixtures.oidc",
 ]
