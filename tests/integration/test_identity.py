@@ -144,7 +144,7 @@ class TestTokenEdgeCases:
     ) -> None:
         claims = jwt.decode(admin.token, options={"verify_signature": False})
         unsigned = jwt.encode(
-            claims, None, algorithm="none", headers={"kid": settings.auth.jwt_kid}
+            claims, "", algorithm="none", headers={"kid": settings.auth.jwt_kid}
         )
         response = await anonymous_api.get("/api/v1/auth/me", headers=bearer(unsigned))
         assert response.status_code == 401
