@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis.exceptions
@@ -11,7 +12,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 from temporalio.service import RPCError, RPCStatusCode
 
 from control_plane.core.errors import (
@@ -114,12 +114,18 @@ async def _validation_error(request: Request, err: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method the path accepts (the router reports only the first matching route's)."""
+    """Every documented method of the path (the router names only one route's methods)."""
     methods: set[str] = set()
-    for route in request.app.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= set(route_methods)
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = (
+            "^"
+            + re.sub(
+                r"\{[^}/]+\}", "[^/]+", re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+            )
+            + "$"
+        )
+        if re.match(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
     return ", ".join(sorted(methods))
 
 

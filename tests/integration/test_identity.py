@@ -143,9 +143,7 @@ class TestTokenEdgeCases:
         self, anonymous_api: httpx.AsyncClient, settings: Settings, admin: Actor
     ) -> None:
         claims = jwt.decode(admin.token, options={"verify_signature": False})
-        unsigned = jwt.encode(
-            claims, "", algorithm="none", headers={"kid": settings.auth.jwt_kid}
-        )
+        unsigned = jwt.encode(claims, "", algorithm="none", headers={"kid": settings.auth.jwt_kid})
         response = await anonymous_api.get("/api/v1/auth/me", headers=bearer(unsigned))
         assert response.status_code == 401
 

@@ -1,0 +1,186 @@
+"""Isolation matrix, generated from the app's route table: every route that names a
+resource is called by a tenant admin of another tenant, by a user of the same tenant who
+is not a member of the project, and by a viewer, for read and write, against the real
+API and PostgreSQL.
+
+Expected: another tenant's admin gets 404 everywhere (no existence leak); a non-member
+gets 404 on the project's resources; a viewer reads (2xx) but cannot write (403).
+Write routes need a valid body so the check, not request validation, answers: a new
+route without an entry in `BODIES` fails here until one is added.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from control_plane.core.config import Settings
+from control_plane.core.db import create_engine, create_sessionmaker, session_scope
+from control_plane.identity.tables import ProjectRole
+from control_plane.workflow_runs.repository import WorkflowRunRepository
+from tests.fixtures.identity import Actor, IdentityFactory
+from workflows.contracts.common import Progress, ResourceRef, RunRecord, RunStatus
+
+WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
+# Routes about the caller's own tenant, or without a resource of a project in the path.
+TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
+
+BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
+    ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
+    ("PATCH", "/api/v1/users/{user_id}"): {"display_name": "Renamed"},
+    ("PATCH", "/api/v1/projects/{project_id}"): {"description": "changed"},
+    ("DELETE", "/api/v1/projects/{project_id}"): None,
+    ("POST", "/api/v1/projects/{project_id}/members"): {"user_id": "{user_id}", "role": "viewer"},
+    ("PATCH", "/api/v1/projects/{project_id}/members/{user_id}"): {"role": "member"},
+    ("DELETE", "/api/v1/projects/{project_id}/members/{user_id}"): None,
+    ("POST", "/api/v1/projects/{project_id}/api-keys"): {
+        "name": "k",
+        "scopes": ["projects:read"],
+    },
+    ("POST", "/api/v1/projects/{project_id}/api-keys/{key_id}/revoke"): None,
+    ("POST", "/api/v1/workflows/{workflow_id}/cancel"): None,
+    ("POST", "/api/v1/projects/{project_id}/credentials"): {
+        "name": "second",
+        "provider": "openai",
+        "api_key": "sk-isolation-test-secret",
+    },
+    ("PATCH", "/api/v1/projects/{project_id}/credentials/{credential_id}"): {"name": "renamed"},
+    ("DELETE", "/api/v1/projects/{project_id}/credentials/{credential_id}"): None,
+    ("PATCH", "/api/v1/credentials/{credential_id}"): {"name": "renamed"},
+    ("DELETE", "/api/v1/credentials/{credential_id}"): None,
+}
+
+
+@dataclass
+class World:
+    owner: Actor
+    viewer: Actor
+    non_member: Actor
+    outsider: Actor
+    params: dict[str, str]
+
+
+def resource_routes() -> list[tuple[str, str]]:
+    schema = create_app(Settings(_env_file=None, environment="test")).openapi()
+    return [
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        if "{" in path
+        for method in sorted(operations)
+    ]
+
+
+ROUTES = resource_routes()
+
+
+async def build_world(
+    api: httpx.AsyncClient, identities: IdentityFactory, settings: Settings
+) -> World:
+    tenant = await identities.tenant()
+    other = await identities.tenant()
+    owner = await identities.user(tenant)
+    viewer = await identities.user(tenant)
+    non_member = await identities.user(tenant)
+    outsider = await identities.user(other, admin=True)
+    project = await identities.project(tenant)
+    await identities.member(project, owner, ProjectRole.OWNER)
+    await identities.member(project, viewer, ProjectRole.VIEWER)
+    key = await api.post(
+        f"/api/v1/projects/{project.id}/api-keys",
+        json={"name": "k", "scopes": ["projects:read"]},
+        headers=owner.headers,
+    )
+    assert key.status_code == 201, key.text
+    credential = await api.post(
+        f"/api/v1/projects/{project.id}/credentials",
+        json={"name": "first", "provider": "openai", "api_key": "sk-isolation-test-secret"},
+        headers=owner.headers,
+    )
+    workflow_id = f"isolation-{uuid.uuid4()}"
+    engine = create_engine(settings.database)
+    try:
+        async with session_scope(create_sessionmaker(engine)) as session:
+            await WorkflowRunRepository(session).upsert(
+                RunRecord(
+                    workflow_id=workflow_id,
+                    run_id=str(uuid.uuid4()),
+                    kind="DiagnoseSystem",
+                    resource=ResourceRef(kind="test", tenant_id=tenant.id, project_id=project.id),
+                    status=RunStatus.COMPLETED,
+                    progress=Progress(status=RunStatus.COMPLETED),
+                    started_at=tenant.created_at,
+                    finished_at=tenant.created_at,
+                )
+            )
+    finally:
+        await engine.dispose()
+    params = {
+        "tenant_id": str(tenant.id),
+        "project_id": str(project.id),
+        "user_id": str(owner.user.id),
+        "key_id": key.json()["id"],
+        "workflow_id": workflow_id,
+    }
+    if credential.status_code == 201:
+        params["credential_id"] = credential.json()["id"]
+    return World(owner, viewer, non_member, outsider, params)
+
+
+def fill(template: str, params: dict[str, str]) -> str:
+    for name, value in params.items():
+        template = template.replace("{" + name + "}", value)
+    assert "{" not in template, f"no value for a path parameter of {template}: extend the world"
+    return template
+
+
+async def call(
+    api: httpx.AsyncClient, actor: Actor, method: str, path: str, world: World
+) -> httpx.Response:
+    body = None
+    if method in WRITE_METHODS:
+        assert (method, path) in BODIES, f"add a valid example body for {method} {path} to BODIES"
+        template = BODIES[(method, path)]
+        if template is not None:
+            body = {
+                k: fill(v, world.params) if isinstance(v, str) else v for k, v in template.items()
+            }
+    return await api.request(
+        method, fill(path, world.params), json=body, headers=actor.headers, timeout=30
+    )
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+async def test_route_isolation(
+    method: str,
+    path: str,
+    anonymous_api: httpx.AsyncClient,
+    identities: IdentityFactory,
+    settings: Settings,
+) -> None:
+    world = await build_world(anonymous_api, identities, settings)
+    if "{credential_id}" in path and "credential_id" not in world.params:
+        pytest.fail("credentials could not be created for the world")
+    tenant_wide = not path.startswith("/api/v1/projects/") and "{workflow_id}" not in path
+
+    outsider = await call(anonymous_api, world.outsider, method, path, world)
+    assert outsider.status_code == 404, f"other tenant: {outsider.status_code} {outsider.text}"
+
+    if path in TENANT_ROUTES:
+        return
+    non_member = await call(anonymous_api, world.non_member, method, path, world)
+    viewer = await call(anonymous_api, world.viewer, method, path, world)
+    if tenant_wide:
+        # Users and tenant-wide credentials: plain users neither see nor change them.
+        assert non_member.status_code in (403, 404), non_member.text
+        assert viewer.status_code in (403, 404), viewer.text
+        return
+    assert non_member.status_code == 404, f"non-member: {non_member.status_code} {non_member.text}"
+    if method in WRITE_METHODS:
+        assert viewer.status_code == 403, f"viewer write: {viewer.status_code} {viewer.text}"
+    else:
+        assert 200 <= viewer.status_code < 300, f"viewer read: {viewer.status_code} {viewer.text}"
