@@ -149,8 +149,13 @@ class TestDiagnoseSystem:
                 memo={QUEUE_PREFIX_MEMO: prefix},
             )
             await asyncio.wait_for(recorder.first.wait(), 10)
-            progress = await handle.query(DiagnoseSystem.progress)
-            assert isinstance(progress, Progress)
+            # The first record precedes the pings; the step turns `running` just after.
+            for _ in range(100):
+                progress = await handle.query(DiagnoseSystem.progress)
+                assert isinstance(progress, Progress)
+                if progress.steps[0].status.value == "running":
+                    break
+                await asyncio.sleep(0.05)
             assert progress.steps[0].status.value == "running"
             await handle.cancel()
             with pytest.raises(WorkflowFailureError):
