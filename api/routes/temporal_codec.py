@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
+from typing import Annotated
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator
@@ -54,11 +55,14 @@ def _base64(value: str) -> str:
     return value
 
 
+Base64Text = Annotated[str, Field(json_schema_extra={"format": "byte"})]
+
+
 class CodecPayload(BaseModel):
     """A Temporal `Payload` in protobuf JSON: base64 metadata values and data."""
 
-    metadata: dict[str, str] = Field(default_factory=dict)
-    data: str = ""
+    metadata: dict[str, Base64Text] = Field(default_factory=dict)
+    data: Base64Text = ""
 
     @field_validator("metadata")
     @classmethod

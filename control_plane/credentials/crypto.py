@@ -34,7 +34,6 @@ log = get_logger(__name__)
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-__all__ = ["Sealed", "Vault", "VaultError", "generate_key", "load_vault", "record_aad"]
 DEV_KEY_ID = "dev"
 DEV_KEY_FILE = "vault-master.key"
 
@@ -96,10 +95,6 @@ class Vault:
         except ValueError as err:
             raise VaultError(str(err)) from None
         return cls(keys, active)
-
-    @property
-    def key_ids(self) -> frozenset[str]:
-        return frozenset(self._keys)
 
     def _master(self, kid: str) -> AESGCM:
         key = self._keys.get(kid)
@@ -187,6 +182,7 @@ def load_vault(settings: Settings) -> Vault:
         )
     path = settings.data_dir / DEV_KEY_FILE
     key = _dev_key(path)
+    log.info("credentials.vault.dev_key", path=str(path), key_id=DEV_KEY_ID)
     return Vault({DEV_KEY_ID: key}, DEV_KEY_ID)
 
 

@@ -2,7 +2,9 @@
 are secret (typed `SecretStr`, so they never render in a repr or a log line).
 
 Non-secret fields are stored in clear (`config`); secret fields are sealed by the vault
-and only shown masked.
+and only shown masked. What JSON Schema can say is said there (patterns), so OpenAPI
+clients and the API fuzzer know what is valid; documents that only parsing can check
+carry a custom `format` (`kubeconfig`, `gcp-service-account-key`) with an example.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
@@ -26,13 +27,6 @@ class Provider(StrEnum):
     GCP = "gcp"
     AZURE = "azure"
     KUBECONFIG = "kubeconfig"
-
-
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s) URL")
-    return value
 
 
 def _json_text(value: Any) -> Any:
@@ -86,17 +80,53 @@ def _single_line(value: SecretStr) -> SecretStr:
     return value
 
 
-HttpUrlText = Annotated[str, Field(max_length=2048, pattern=_PRINTABLE), AfterValidator(_http_url)]
+# http(s), a host, and no whitespace or control characters.
+HTTP_URL_PATTERN = r"^https?://[^\s/?#\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*$"
+HttpUrlText = Annotated[
+    str,
+    Field(max_length=2048, pattern=HTTP_URL_PATTERN, examples=["https://api.example.com/v1"]),
+]
 Text = Annotated[str, Field(min_length=1, max_length=255, pattern=_PRINTABLE)]
-Token = Annotated[SecretStr, Field(min_length=1, max_length=8192), AfterValidator(_single_line)]
+Token = Annotated[
+    SecretStr,
+    Field(min_length=1, max_length=8192, json_schema_extra={"pattern": _PRINTABLE}),
+    AfterValidator(_single_line),
+]
 # Documents (service account keys, kubeconfigs) carry certificates and private keys.
 Document = Annotated[SecretStr, Field(min_length=1, max_length=512 * 1024)]
+
+SERVICE_ACCOUNT_KEY_EXAMPLE = json.dumps(
+    {
+        "type": "service_account",
+        "project_id": "my-project",
+        "private_key_id": "0123456789abcdef",
+        "private_key": "-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+        "client_email": "control-plane@my-project.iam.gserviceaccount.com",
+        "client_id": "123456789012345678901",
+    }
+)
+KUBECONFIG_EXAMPLE = """\
+apiVersion: v1
+kind: Config
+clusters:
+  - name: prod
+    cluster:
+      server: https://k8s.example.com:6443
+      certificate-authority-data: LS0tLS1CRUdJTi...
+contexts:
+  - name: prod
+    context: {cluster: prod, user: control-plane}
+current-context: prod
+users:
+  - name: control-plane
+    user: {token: REDACTED}
+"""
 
 
 class ProviderFields(BaseModel):
     """Base of every provider's fields; unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
 
     provider: str
     # Fields shown as a size rather than a tail (their tail says nothing useful).
@@ -134,19 +164,19 @@ class ProviderFields(BaseModel):
 
 
 class OpenAIFields(ProviderFields):
-    provider: Literal["openai"] = "openai"
+    provider: Literal["openai"]
     api_key: Token
     base_url: HttpUrlText | None = None
     organization: Text | None = None
 
 
 class AnthropicFields(ProviderFields):
-    provider: Literal["anthropic"] = "anthropic"
+    provider: Literal["anthropic"]
     api_key: Token
 
 
 class AzureOpenAIFields(ProviderFields):
-    provider: Literal["azure_openai"] = "azure_openai"
+    provider: Literal["azure_openai"]
     api_key: Token
     endpoint: HttpUrlText
     api_version: Text | None = None
@@ -154,12 +184,12 @@ class AzureOpenAIFields(ProviderFields):
 
 
 class HuggingFaceFields(ProviderFields):
-    provider: Literal["huggingface"] = "huggingface"
+    provider: Literal["huggingface"]
     token: Token
 
 
 class AWSFields(ProviderFields):
-    provider: Literal["aws"] = "aws"
+    provider: Literal["aws"]
     access_key_id: Text
     secret_access_key: Token
     session_token: Token | None = None
@@ -167,15 +197,25 @@ class AWSFields(ProviderFields):
 
 
 class GCPFields(ProviderFields):
-    provider: Literal["gcp"] = "gcp"
+    provider: Literal["gcp"]
     document_fields = frozenset({"service_account_json"})
     service_account_json: Annotated[
-        Document, BeforeValidator(_json_text), AfterValidator(_service_account)
+        Document,
+        Field(
+            description="The JSON key of a service account (its text, or the object itself)",
+            examples=[SERVICE_ACCOUNT_KEY_EXAMPLE],
+            json_schema_extra={
+                "format": "gcp-service-account-key",
+                "contentMediaType": "application/json",
+            },
+        ),
+        BeforeValidator(_json_text),
+        AfterValidator(_service_account),
     ]
 
 
 class AzureFields(ProviderFields):
-    provider: Literal["azure"] = "azure"
+    provider: Literal["azure"]
     tenant_id: Text
     client_id: Text
     client_secret: Token
@@ -183,9 +223,17 @@ class AzureFields(ProviderFields):
 
 
 class KubeconfigFields(ProviderFields):
-    provider: Literal["kubeconfig"] = "kubeconfig"
+    provider: Literal["kubeconfig"]
     document_fields = frozenset({"kubeconfig"})
-    kubeconfig: Annotated[Document, AfterValidator(_kubeconfig)]
+    kubeconfig: Annotated[
+        Document,
+        Field(
+            description="A kubeconfig (YAML) with at least one cluster and one context",
+            examples=[KUBECONFIG_EXAMPLE],
+            json_schema_extra={"format": "kubeconfig", "contentMediaType": "application/yaml"},
+        ),
+        AfterValidator(_kubeconfig),
+    ]
 
 
 PROVIDERS: dict[Provider, type[ProviderFields]] = {

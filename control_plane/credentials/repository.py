@@ -29,22 +29,24 @@ class CredentialRepository:
         return await self.session.get(Credential, credential_id, populate_existing=True)
 
     async def live(
-        self, tenant_id: uuid.UUID, project_id: uuid.UUID | None, credential_id: uuid.UUID
+        self,
+        tenant_id: uuid.UUID,
+        project_id: uuid.UUID | None,
+        credential_id: uuid.UUID,
+        *,
+        for_update: bool = False,
     ) -> Credential | None:
         """A live credential of exactly this scope (the project, or the tenant-wide set)."""
-        return (
-            await self.session.exec(
-                select(Credential)
-                .where(
-                    Credential.id == credential_id,
-                    Credential.tenant_id == tenant_id,
-                    col(Credential.project_id).is_not_distinct_from(project_id),
-                    Credential.status != CredentialStatus.DELETED.value,
-                )
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        ).first()
+        query = select(Credential).where(
+            Credential.id == credential_id,
+            Credential.tenant_id == tenant_id,
+            col(Credential.project_id).is_not_distinct_from(project_id),
+            Credential.status != CredentialStatus.DELETED.value,
+        )
+        if for_update:
+            # Writers (and the master key rotation) serialise on the row.
+            query = query.with_for_update()
+        return (await self.session.exec(query.execution_options(populate_existing=True))).first()
 
     async def name_taken(
         self,

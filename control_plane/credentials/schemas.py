@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane.credentials.providers import (
     AnthropicFields,
@@ -96,9 +96,10 @@ CredentialCreate = Annotated[
 
 
 class CredentialUpdate(BaseModel):
-    """Only what is sent changes. `fields` holds any of the provider's fields (as in the
-    create schema of that provider): a secret field sent replaces the stored secret, a
-    `null` clears an optional field, and the result must be valid for the provider."""
+    """Only what is sent changes (`name` or `fields` absent or null: unchanged).
+    `fields` holds any of the provider's fields (as in that provider's create schema): a
+    secret field sent replaces the stored secret, a `null` clears an optional field, and
+    the result must be valid for the provider."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -106,14 +107,6 @@ class CredentialUpdate(BaseModel):
     fields: dict[str, Any] | None = Field(
         default=None, examples=[{"base_url": "https://gateway.example.com/v1"}]
     )
-
-    @field_validator("name", "fields")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        # Leaving a key out keeps the value; `null` would mean "remove", which neither allows.
-        if value is None:
-            raise ValueError("may be left out but not null")
-        return value
 
 
 class CredentialRead(BaseModel):

@@ -90,9 +90,16 @@ class CredentialService:
         )
 
     async def _require(
-        self, principal: Principal, project_id: uuid.UUID | None, credential_id: uuid.UUID
+        self,
+        principal: Principal,
+        project_id: uuid.UUID | None,
+        credential_id: uuid.UUID,
+        *,
+        for_update: bool = False,
     ) -> Credential:
-        row = await self.repo.live(principal.tenant_id, project_id, credential_id)
+        row = await self.repo.live(
+            principal.tenant_id, project_id, credential_id, for_update=for_update
+        )
         if row is None:
             raise NotFound("credential not found")
         return row
@@ -198,10 +205,9 @@ class CredentialService:
         """Apply what was sent; `InvalidFields` (422) when the merged fields are not
         valid for the provider."""
         await self._authorize(principal, "credentials:write", project_id)
-        row = await self._require(principal, project_id, credential_id)
-        changes = data.model_dump(exclude_unset=True)
+        row = await self._require(principal, project_id, credential_id, for_update=True)
         changed: list[str] = []
-        if "name" in changes and data.name is not None and data.name != row.name:
+        if data.name is not None and data.name != row.name:
             await self._ensure_name_free(row.tenant_id, project_id, data.name, row.id)
             row.name = data.name
             changed.append("name")
@@ -240,7 +246,7 @@ class CredentialService:
         self, principal: Principal, credential_id: uuid.UUID, *, project_id: uuid.UUID | None
     ) -> None:
         await self._authorize(principal, "credentials:write", project_id)
-        row = await self._require(principal, project_id, credential_id)
+        row = await self._require(principal, project_id, credential_id, for_update=True)
         row.status = CredentialStatus.DELETED.value
         # Destroy the secret: without the wrapped data key nothing can ever open it.
         _store(row, Sealed(b"", b"", b"", b"", row.master_key_id))
