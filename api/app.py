@@ -47,7 +47,7 @@ def _lifespan(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # First: a production API without a credential master key must not start.
-        app.state.vault = load_vault(settings)
+        vault = load_vault(settings)
         engine = create_engine(settings.database)
         redis = create_redis(settings.redis)
         objects = create_object_store(settings)
@@ -64,6 +64,7 @@ def _lifespan(settings: Settings) -> Any:
             objects=objects,
             temporal=client,
             auth=Authenticator(settings, redis, identity_provider),
+            vault=vault,
         )
         try:
             await objects.ensure_ready()

@@ -39,7 +39,9 @@ def get_settings_dep(state: StateDep) -> Settings:
     return state.settings
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client that got a 2xx
+# always sees its change, and a failed commit is an error response, not a lost write.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 

@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from control_plane.core.config import Settings
 from control_plane.core.storage import ObjectStore
+from control_plane.credentials.crypto import Vault
 from control_plane.identity.authn import Authenticator
 
 
@@ -23,3 +24,4 @@ class AppState:
     objects: ObjectStore
     temporal: Client
     auth: Authenticator
+    vault: Vault

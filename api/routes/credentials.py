@@ -10,9 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
 
-from api.deps import CurrentPrincipal, SessionDep
+from api.deps import CurrentPrincipal, SessionDep, StateDep
 from api.errors import problems
 from control_plane.credentials.crypto import Vault
 from control_plane.credentials.providers import Provider
@@ -25,9 +25,8 @@ from control_plane.credentials.schemas import (
 from control_plane.credentials.service import CredentialService
 
 
-def get_vault(request: Request) -> Vault:
-    vault: Vault = request.app.state.vault
-    return vault
+def get_vault(state: StateDep) -> Vault:
+    return state.vault
 
 
 VaultDep = Annotated[Vault, Depends(get_vault)]

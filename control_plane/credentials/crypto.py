@@ -13,10 +13,8 @@ nothing here ever returns unauthenticated bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from control_plane.core.codec import decode_key, generate_key, pick_active_key
 from control_plane.core.config import Environment, Settings, VaultSettings
 from control_plane.core.logging import get_logger
+from control_plane.core.security import load_or_create_secret
 
 log = get_logger(__name__)
 
@@ -188,27 +187,14 @@ def load_vault(settings: Settings) -> Vault:
 
 def _dev_key(path: Path) -> bytes:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and linked into place: two processes starting together (API and
-        # workers under `cpctl dev`) end up with one key, never a torn or replaced file.
-        staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(generate_key() + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(staging, path)
-                log.warning(
-                    "credentials.vault.dev_key_generated",
-                    path=str(path),
-                    key_id=DEV_KEY_ID,
-                    hint="dev only; back this file up or credentials stored with it are lost",
-                )
-        finally:
-            staging.unlink(missing_ok=True)
+        log.warning(
+            "credentials.vault.dev_key_generated",
+            path=str(path),
+            key_id=DEV_KEY_ID,
+            hint="dev only; back this file up or credentials stored with it are lost",
+        )
+    text = load_or_create_secret(path, generate_key)
     try:
-        return decode_key(str(path), path.read_text())
+        return decode_key(str(path), text)
     except ValueError as err:
         raise VaultError(str(err)) from None

@@ -13,10 +13,12 @@ import asyncio
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from api.app import create_app
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine
+from control_plane.credentials.providers import KUBECONFIG_EXAMPLE, SERVICE_ACCOUNT_KEY_EXAMPLE
 from tests.fixtures.identity import IdentityFactory
 from tests.fixtures.stack import ApiServer
 
@@ -35,6 +37,10 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 
     return asyncio.run(make())
 
+
+# Fields checked by parsing (kubeconfig YAML, service-account JSON) get valid documents.
+schemathesis.openapi.format("kubeconfig", st.just(KUBECONFIG_EXAMPLE))
+schemathesis.openapi.format("gcp-service-account-key", st.just(SERVICE_ACCOUNT_KEY_EXAMPLE))
 
 schema = schemathesis.openapi.from_dict(
     create_app(Settings(_env_file=None, environment="test")).openapi()
