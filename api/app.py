@@ -38,7 +38,7 @@ from control_plane.core.security import with_dev_signing_key
 from control_plane.core.storage import create_object_store
 from control_plane.credentials.crypto import load_vault
 from control_plane.identity.authn import Authenticator, flush_last_used
-from control_plane.identity.keycloak import external_identity_provider
+from control_plane.identity.keycloak import RealmAdmin, external_identity_provider
 
 log = get_logger(__name__)
 
@@ -65,6 +65,7 @@ def _lifespan(settings: Settings) -> Any:
             temporal=client,
             auth=Authenticator(settings, redis, identity_provider),
             vault=vault,
+            realm_admin=RealmAdmin(settings) if settings.auth.mode == "keycloak" else None,
         )
         try:
             await objects.ensure_ready()
@@ -85,6 +86,8 @@ def _lifespan(settings: Settings) -> Any:
             await _flush_once(app.state.cp)
             if identity_provider is not None:
                 await identity_provider.aclose()
+            if app.state.cp.realm_admin is not None:
+                await app.state.cp.realm_admin.aclose()
             await redis.aclose()
             await objects.close()
             await engine.dispose()

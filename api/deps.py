@@ -14,6 +14,7 @@ from api.state import AppState
 from control_plane.core.config import Settings
 from control_plane.core.db import session_scope
 from control_plane.core.errors import Forbidden, Unauthenticated
+from control_plane.identity.keycloak import RealmAdmin
 from control_plane.identity.permissions import Principal
 
 
@@ -68,3 +69,10 @@ def require_tenant_admin(principal: CurrentPrincipal) -> Principal:
 
 
 TenantAdmin = Annotated[Principal, Depends(require_tenant_admin)]
+
+
+def get_realm_admin(state: StateDep) -> RealmAdmin | None:
+    return state.realm_admin
+
+
+RealmAdminDep = Annotated[RealmAdmin | None, Depends(get_realm_admin)]

@@ -13,6 +13,7 @@ from control_plane.core.config import Settings
 from control_plane.core.storage import ObjectStore
 from control_plane.credentials.crypto import Vault
 from control_plane.identity.authn import Authenticator
+from control_plane.identity.keycloak import RealmAdmin
 
 
 @dataclass
@@ -25,3 +26,5 @@ class AppState:
     temporal: Client
     auth: Authenticator
     vault: Vault
+    # Keycloak mode: user administration in the realms.
+    realm_admin: RealmAdmin | None = None

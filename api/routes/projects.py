@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
 PageNo = Annotated[int, Query(ge=1, le=100_000)]
 Limit = Annotated[int, Query(ge=1, le=200)]
+Order = Literal["asc", "desc"]
 
 
 @router.post(
@@ -35,10 +36,15 @@ async def create_project(
 
 @router.get("", response_model=Page[schemas.ProjectRead], responses=problems(401))
 async def list_projects(
-    principal: CurrentPrincipal, session: SessionDep, page: PageNo = 1, limit: Limit = 50
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    page: PageNo = 1,
+    limit: Limit = 50,
+    sort: Literal["name", "created_at"] = "name",
+    order: Order = "asc",
 ) -> Page[schemas.ProjectRead]:
     """Projects the caller belongs to (every project, for tenant admins)."""
-    return await ProjectService(session).list(principal, page, limit)
+    return await ProjectService(session).list(principal, page, limit, sort, order == "desc")
 
 
 @router.get("/{project_id}", response_model=schemas.ProjectRead, responses=problems(401, 404))
@@ -151,8 +157,12 @@ async def list_api_keys(
     session: SessionDep,
     page: PageNo = 1,
     limit: Limit = 50,
+    sort: Literal["created_at", "name", "last_used_at", "expires_at"] = "created_at",
+    order: Order = "desc",
 ) -> Page[schemas.ApiKeyRead]:
-    return await ApiKeyService(session).list(principal, project_id, page, limit)
+    return await ApiKeyService(session).list(
+        principal, project_id, page, limit, sort, order == "desc"
+    )
 
 
 @router.get(

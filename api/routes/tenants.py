@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import CurrentPrincipal, SessionDep, SettingsDep
+from api.deps import CurrentPrincipal, RealmAdminDep, SessionDep, SettingsDep
 from api.errors import problems
 from control_plane.core.pagination import Page
 from control_plane.identity import schemas
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["tenants and users"])
 
 PageNo = Annotated[int, Query(ge=1, le=100_000)]
 Limit = Annotated[int, Query(ge=1, le=200)]
+Order = Literal["asc", "desc"]
 
 
 @router.post(
@@ -43,8 +44,12 @@ async def list_tenants(
     settings: SettingsDep,
     page: PageNo = 1,
     limit: Limit = 50,
+    sort: Literal["slug", "display_name", "created_at"] = "slug",
+    order: Order = "asc",
 ) -> Page[schemas.TenantRead]:
-    return await TenantService(session, settings).list(principal, page, limit)
+    return await TenantService(session, settings).list(
+        principal, page, limit, sort, order == "desc"
+    )
 
 
 @router.get("/tenants/{tenant_id}", response_model=schemas.TenantRead, responses=problems(401, 404))
@@ -79,10 +84,30 @@ async def update_tenant(
     responses=problems(401, 403, 409),
 )
 async def create_user(
-    body: schemas.UserCreate, principal: CurrentPrincipal, session: SessionDep
+    body: schemas.UserCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    realm_admin: RealmAdminDep,
 ) -> schemas.UserCreated:
-    """Tenant admins add users; omit `password` to get a generated one back once."""
-    return await UserService(session).create(principal, body)
+    """Tenant admins add users; omit `password` to get a generated one back once. In
+    keycloak mode the user is created in the tenant's realm."""
+    return await UserService(session, realm_admin).create(principal, body)
+
+
+@router.post(
+    "/users/{user_id}/reset-password",
+    response_model=schemas.PasswordReset,
+    responses=problems(401, 403, 404, 409),
+)
+async def reset_password(
+    user_id: uuid.UUID,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    realm_admin: RealmAdminDep,
+) -> schemas.PasswordReset:
+    """Tenant admins set a new one-time password (in the realm, in keycloak mode)."""
+    password = await UserService(session, realm_admin).reset_password(principal, user_id)
+    return schemas.PasswordReset(one_time_password=password)
 
 
 @router.get("/users", response_model=Page[schemas.UserRead], responses=problems(401, 403))
@@ -92,8 +117,12 @@ async def list_users(
     user_status: Annotated[UserStatus | None, Query(alias="status")] = None,
     page: PageNo = 1,
     limit: Limit = 50,
+    sort: Literal["username", "created_at", "last_login_at"] = "username",
+    order: Order = "asc",
 ) -> Page[schemas.UserRead]:
-    return await UserService(session).list(principal, page, limit, user_status)
+    return await UserService(session).list(
+        principal, page, limit, user_status, sort, order == "desc"
+    )
 
 
 @router.get("/users/{user_id}", response_model=schemas.UserRead, responses=problems(401, 404))

@@ -116,6 +116,11 @@ class UserCreated(UserRead):
     generated_password: str | None = None
 
 
+class PasswordReset(BaseModel):
+    # Shown once; the user must change it at the next sign-in in keycloak mode.
+    one_time_password: str
+
+
 class MeRead(UserRead):
     tenant_slug: str
     projects: dict[uuid.UUID, ProjectRole]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -29,6 +30,7 @@ from control_plane.core.security import (
 )
 from control_plane.identity import schemas
 from control_plane.identity.authn import API_KEY_MARK, API_KEY_PREFIX_CHARS
+from control_plane.identity.keycloak import RealmAdmin
 from control_plane.identity.permissions import Principal, authorize, role_allows
 from control_plane.identity.repository import IdentityRepository
 from control_plane.identity.tables import (
@@ -49,6 +51,11 @@ log = get_logger(__name__)
 
 def _page(page: int, limit: int) -> tuple[int, int]:
     return (page - 1) * limit, limit
+
+
+def _order(table: type[Any], sort: str, descending: bool) -> Any:
+    column = col(getattr(table, sort))
+    return column.desc() if descending else column.asc()
 
 
 # --- sign-in ---------------------------------------------------------------------------
@@ -146,15 +153,7 @@ class AuthService:
         user.password_hash = hash_password(body.new_password)
         self.session.add(user)
         # Every session of this user ends with a password change.
-        for token in (
-            await self.session.exec(
-                select(RefreshToken).where(
-                    RefreshToken.user_id == user.id, col(RefreshToken.revoked_at).is_(None)
-                )
-            )
-        ).all():
-            token.revoked_at = utcnow()
-            self.session.add(token)
+        await revoke_refresh_tokens(self.session, user.id)
         await audit.record(
             self.session,
             actor=principal,
@@ -175,6 +174,18 @@ class AuthService:
             tenant_slug=tenant.slug,
             projects=dict(principal.roles),
         )
+
+
+async def revoke_refresh_tokens(session: AsyncSession, user_id: uuid.UUID) -> None:
+    for token in (
+        await session.exec(
+            select(RefreshToken).where(
+                RefreshToken.user_id == user_id, col(RefreshToken.revoked_at).is_(None)
+            )
+        )
+    ).all():
+        token.revoked_at = utcnow()
+        session.add(token)
 
 
 async def bootstrap_admin(session: AsyncSession, settings: Settings) -> tuple[str, str] | None:
@@ -259,14 +270,25 @@ class TenantService:
             admin_password=password,
         )
 
-    async def list(self, principal: Principal, page: int, limit: int) -> Page[schemas.TenantRead]:
+    async def list(
+        self,
+        principal: Principal,
+        page: int,
+        limit: int,
+        sort: str = "slug",
+        descending: bool = False,
+    ) -> Page[schemas.TenantRead]:
         query = select(Tenant)
         if not await self._is_platform_admin(principal):
             query = query.where(Tenant.id == principal.tenant_id)
         total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
         offset, limit = _page(page, limit)
         rows = (
-            await self.session.exec(query.order_by(col(Tenant.slug)).offset(offset).limit(limit))
+            await self.session.exec(
+                query.order_by(_order(Tenant, sort, descending), col(Tenant.id))
+                .offset(offset)
+                .limit(limit)
+            )
         ).all()
         return Page(
             items=[schemas.TenantRead.model_validate(r) for r in rows],
@@ -317,9 +339,19 @@ class TenantService:
 
 
 class UserService:
-    def __init__(self, session: AsyncSession) -> None:
+    """In keycloak mode users live in the realm: creating one or resetting a password goes
+    through `realm_admin`, and the row here links to it by `external_subject`."""
+
+    def __init__(self, session: AsyncSession, realm_admin: RealmAdmin | None = None) -> None:
         self.session = session
         self.repo = IdentityRepository(session)
+        self.realm_admin = realm_admin
+
+    async def _realm(self, tenant_id: uuid.UUID) -> str:
+        tenant = await self.repo.tenant(tenant_id)
+        if tenant is None:
+            raise NotFound("tenant not found")
+        return tenant.slug
 
     async def create(self, principal: Principal, body: schemas.UserCreate) -> schemas.UserCreated:
         if not principal.is_tenant_admin or principal.api_key_id:
@@ -327,12 +359,20 @@ class UserService:
         if await self.repo.user_by_username(principal.tenant_id, body.username):
             raise Conflict(f"user {body.username} already exists")
         generated = None if body.password else new_secret(18)
+        password = body.password or generated or ""
+        subject = None
+        if self.realm_admin is not None:
+            # The realm holds the password (temporary: changed at first sign-in).
+            subject = await self.realm_admin.create_user(
+                await self._realm(principal.tenant_id), body.username, body.email, password
+            )
         user = User(
             tenant_id=principal.tenant_id,
             username=body.username,
             email=body.email,
             display_name=body.display_name,
-            password_hash=hash_password(body.password or generated or ""),
+            password_hash=None if subject else hash_password(password),
+            external_subject=subject,
             is_tenant_admin=body.is_tenant_admin,
         )
         self.session.add(user)
@@ -350,7 +390,13 @@ class UserService:
         )
 
     async def list(
-        self, principal: Principal, page: int, limit: int, status: UserStatus | None
+        self,
+        principal: Principal,
+        page: int,
+        limit: int,
+        status: UserStatus | None,
+        sort: str = "username",
+        descending: bool = False,
     ) -> Page[schemas.UserRead]:
         if not principal.is_tenant_admin:
             raise Forbidden("listing users requires the tenant admin role")
@@ -360,7 +406,11 @@ class UserService:
         total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
         offset, limit = _page(page, limit)
         rows = (
-            await self.session.exec(query.order_by(col(User.username)).offset(offset).limit(limit))
+            await self.session.exec(
+                query.order_by(_order(User, sort, descending), col(User.id))
+                .offset(offset)
+                .limit(limit)
+            )
         ).all()
         return Page(
             items=[schemas.UserRead.model_validate(r) for r in rows],
@@ -376,6 +426,31 @@ class UserService:
         if not (principal.is_tenant_admin or principal.user_id == user.id):
             raise NotFound("user not found")
         return user
+
+    async def reset_password(self, principal: Principal, user_id: uuid.UUID) -> str:
+        """A new one-time password (returned once); the user's sessions end."""
+        if not principal.is_tenant_admin or principal.api_key_id:
+            raise Forbidden("resetting passwords requires the tenant admin role")
+        user = await self.get(principal, user_id)
+        password = new_secret(18)
+        if self.realm_admin is not None:
+            if user.external_subject is None:
+                raise Conflict(f"{user.username} has no account in the identity provider")
+            await self.realm_admin.reset_password(
+                await self._realm(user.tenant_id), user.external_subject, password, temporary=True
+            )
+        else:
+            user.password_hash = hash_password(password)
+            self.session.add(user)
+            await revoke_refresh_tokens(self.session, user.id)
+        await audit.record(
+            self.session,
+            actor=principal,
+            action="user.password_reset",
+            resource_kind="user",
+            resource_id=user.id,
+        )
+        return password
 
     async def update(
         self, principal: Principal, user_id: uuid.UUID, body: schemas.UserUpdate
@@ -452,7 +527,14 @@ class ProjectService:
         )
         return project
 
-    async def list(self, principal: Principal, page: int, limit: int) -> Page[schemas.ProjectRead]:
+    async def list(
+        self,
+        principal: Principal,
+        page: int,
+        limit: int,
+        sort: str = "name",
+        descending: bool = False,
+    ) -> Page[schemas.ProjectRead]:
         query = select(Project).where(
             Project.tenant_id == principal.tenant_id, Project.status != ProjectStatus.DELETED.value
         )
@@ -462,7 +544,11 @@ class ProjectService:
         total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
         offset, limit = _page(page, limit)
         rows = (
-            await self.session.exec(query.order_by(col(Project.name)).offset(offset).limit(limit))
+            await self.session.exec(
+                query.order_by(_order(Project, sort, descending), col(Project.id))
+                .offset(offset)
+                .limit(limit)
+            )
         ).all()
         return Page(
             items=[schemas.ProjectRead.model_validate(r) for r in rows],
@@ -671,7 +757,13 @@ class ApiKeyService:
         )
 
     async def list(
-        self, principal: Principal, project_id: uuid.UUID, page: int, limit: int
+        self,
+        principal: Principal,
+        project_id: uuid.UUID,
+        page: int,
+        limit: int,
+        sort: str = "created_at",
+        descending: bool = True,
     ) -> Page[schemas.ApiKeyRead]:
         await self.projects.get(principal, project_id, "api_keys:read")
         query = select(ApiKey).where(ApiKey.project_id == project_id)
@@ -679,7 +771,9 @@ class ApiKeyService:
         offset, limit = _page(page, limit)
         rows = (
             await self.session.exec(
-                query.order_by(col(ApiKey.created_at).desc()).offset(offset).limit(limit)
+                query.order_by(_order(ApiKey, sort, descending), col(ApiKey.id))
+                .offset(offset)
+                .limit(limit)
             )
         ).all()
         return Page(

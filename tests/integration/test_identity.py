@@ -113,6 +113,23 @@ class TestSignIn:
         assert fresh.status_code == 200
 
 
+class TestPasswordReset:
+    async def test_admin_reset_gives_a_one_time_password_and_ends_sessions(
+        self, api: httpx.AsyncClient, anonymous_api: httpx.AsyncClient, admin: Actor
+    ) -> None:
+        user = (await api.post("/api/v1/users", json={"username": "forgetful"})).json()
+        slug = (await api.get(f"/api/v1/tenants/{admin.user.tenant_id}")).json()["slug"]
+        pair = (await login(anonymous_api, f"{slug}/forgetful", user["generated_password"])).json()
+        reset = await api.post(f"/api/v1/users/{user['id']}/reset-password")
+        assert reset.status_code == 200
+        one_time = reset.json()["one_time_password"]
+        stale = await anonymous_api.post(
+            "/api/v1/auth/refresh", json={"refresh_token": pair["refresh_token"]}
+        )
+        assert stale.status_code == 401
+        assert (await login(anonymous_api, f"{slug}/forgetful", one_time)).status_code == 200
+
+
 class TestTokenEdgeCases:
     @pytest.mark.parametrize(
         ("case", "overrides", "detail"),
@@ -409,3 +426,20 @@ class TestAuditLog:
         user = await identities.user(tenant)
         response = await anonymous_api.get("/api/v1/audit", headers=user.headers)
         assert response.status_code == 403
+
+
+class TestListing:
+    async def test_projects_paginate_and_sort(self, api: httpx.AsyncClient) -> None:
+        for name in ("charlie", "alpha", "bravo"):
+            assert (await api.post("/api/v1/projects", json={"name": name})).status_code == 201
+        first = (await api.get("/api/v1/projects", params={"limit": 2})).json()
+        assert [p["name"] for p in first["items"]] == ["alpha", "bravo"]
+        assert first["total"] == 3
+        second = (await api.get("/api/v1/projects", params={"limit": 2, "page": 2})).json()
+        assert [p["name"] for p in second["items"]] == ["charlie"]
+        newest = (
+            await api.get("/api/v1/projects", params={"sort": "created_at", "order": "desc"})
+        ).json()
+        assert [p["name"] for p in newest["items"]] == ["bravo", "alpha", "charlie"]
+        bad = await api.get("/api/v1/projects", params={"sort": "secret_column"})
+        assert bad.status_code == 422

@@ -717,3 +717,37 @@ class TestRealmAdmin:
             await realm_admin(url=f"http://127.0.0.1:{free_port()}").create_user(
                 "acme", "zoe", None, "pw-123456789"
             )
+
+
+class TestUserAdministrationInTheRealm:
+    """Users created and reset through our API land in the realm (the admin REST stand-in
+    above plays Keycloak's admin API) and link to it by `external_subject`."""
+
+    async def test_created_user_lives_in_the_realm(
+        self,
+        realm_admin: Callable[..., RealmAdmin],
+        admin_stand_in: AdminStandIn,
+        settings: Settings,
+    ) -> None:
+        from control_plane.identity.schemas import UserCreate
+        from control_plane.identity.service import UserService
+
+        engine = create_engine(settings.database)
+        async with session_scope(create_sessionmaker(engine)) as session:
+            tenant = Tenant(slug="acme", display_name="Acme")
+            session.add(tenant)
+            await session.flush()
+            admin = Principal(tenant_id=tenant.id, user_id=uuid.uuid4(), is_tenant_admin=True)
+            service = UserService(session, realm_admin())
+            created = await service.create(admin, UserCreate(username="quinn", email=None))
+            password = await service.reset_password(admin, created.id)
+            row = await session.get(User, created.id)
+        await engine.dispose()
+
+        assert row is not None
+        assert row.password_hash is None
+        in_realm = admin_stand_in.users["acme"][str(row.external_subject)]
+        assert in_realm["username"] == "quinn"
+        assert in_realm["credentials"] == [
+            {"type": "password", "value": password, "temporary": True}
+        ]
