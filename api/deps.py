@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
@@ -76,3 +76,9 @@ def get_realm_admin(state: StateDep) -> RealmAdmin | None:
 
 
 RealmAdminDep = Annotated[RealmAdmin | None, Depends(get_realm_admin)]
+
+
+# List parameters shared by every collection route.
+PageNo = Annotated[int, Query(ge=1, le=100_000)]
+Limit = Annotated[int, Query(ge=1, le=200)]
+Order = Literal["asc", "desc"]

@@ -6,14 +6,13 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import select
 
 from api.deps import SessionDep, TenantAdmin
 from api.errors import problems
 from control_plane.audit.schemas import AuditEventRead
 from control_plane.audit.tables import AuditEvent
-from control_plane.core.pagination import Page
+from control_plane.core.pagination import Page, paginate
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -36,12 +35,13 @@ async def list_audit_events(
         query = query.where(AuditEvent.resource_kind == resource_kind)
     if project_id:
         query = query.where(AuditEvent.project_id == project_id)
-    total = (await session.exec(select(func.count()).select_from(query.subquery()))).one()
-    rows = (
-        await session.exec(
-            query.order_by(col(AuditEvent.seq).desc()).offset((page - 1) * limit).limit(limit)
-        )
-    ).all()
-    return Page(
-        items=[AuditEventRead.model_validate(r) for r in rows], total=total, page=page, limit=limit
+    return await paginate(
+        session,
+        query,
+        AuditEvent,
+        AuditEventRead,
+        page=page,
+        limit=limit,
+        sort="seq",
+        descending=True,
     )

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, status
 
-from api.deps import CurrentPrincipal, SessionDep
+from api.deps import CurrentPrincipal, Limit, Order, PageNo, SessionDep
 from api.errors import problems
 from control_plane.core.pagination import Page
 from control_plane.identity import schemas
 from control_plane.identity.service import ApiKeyService, ProjectService
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
-
-PageNo = Annotated[int, Query(ge=1, le=100_000)]
-Limit = Annotated[int, Query(ge=1, le=200)]
-Order = Literal["asc", "desc"]
 
 
 @router.post(

@@ -7,7 +7,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import CurrentPrincipal, RealmAdminDep, SessionDep, SettingsDep
+from api.deps import (
+    CurrentPrincipal,
+    Limit,
+    Order,
+    PageNo,
+    RealmAdminDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.errors import problems
 from control_plane.core.pagination import Page
 from control_plane.identity import schemas
@@ -15,10 +23,6 @@ from control_plane.identity.service import TenantService, UserService
 from control_plane.identity.tables import UserStatus
 
 router = APIRouter(prefix="/api/v1", tags=["tenants and users"])
-
-PageNo = Annotated[int, Query(ge=1, le=100_000)]
-Limit = Annotated[int, Query(ge=1, le=200)]
-Order = Literal["asc", "desc"]
 
 
 @router.post(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -20,7 +19,7 @@ from control_plane.core.config import Settings
 from control_plane.core.db import utcnow
 from control_plane.core.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
 from control_plane.core.logging import get_logger
-from control_plane.core.pagination import Page
+from control_plane.core.pagination import Page, paginate
 from control_plane.core.security import (
     LocalTokens,
     hash_password,
@@ -47,15 +46,6 @@ from control_plane.identity.tables import (
 )
 
 log = get_logger(__name__)
-
-
-def _page(page: int, limit: int) -> tuple[int, int]:
-    return (page - 1) * limit, limit
-
-
-def _order(table: type[Any], sort: str, descending: bool) -> Any:
-    column = col(getattr(table, sort))
-    return column.desc() if descending else column.asc()
 
 
 # --- sign-in ---------------------------------------------------------------------------
@@ -281,20 +271,15 @@ class TenantService:
         query = select(Tenant)
         if not await self._is_platform_admin(principal):
             query = query.where(Tenant.id == principal.tenant_id)
-        total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
-        offset, limit = _page(page, limit)
-        rows = (
-            await self.session.exec(
-                query.order_by(_order(Tenant, sort, descending), col(Tenant.id))
-                .offset(offset)
-                .limit(limit)
-            )
-        ).all()
-        return Page(
-            items=[schemas.TenantRead.model_validate(r) for r in rows],
-            total=total,
+        return await paginate(
+            self.session,
+            query,
+            Tenant,
+            schemas.TenantRead,
             page=page,
             limit=limit,
+            sort=sort,
+            descending=descending,
         )
 
     async def get(self, principal: Principal, tenant_id: uuid.UUID) -> Tenant:
@@ -403,20 +388,15 @@ class UserService:
         query = select(User).where(User.tenant_id == principal.tenant_id)
         if status:
             query = query.where(User.status == status.value)
-        total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
-        offset, limit = _page(page, limit)
-        rows = (
-            await self.session.exec(
-                query.order_by(_order(User, sort, descending), col(User.id))
-                .offset(offset)
-                .limit(limit)
-            )
-        ).all()
-        return Page(
-            items=[schemas.UserRead.model_validate(r) for r in rows],
-            total=total,
+        return await paginate(
+            self.session,
+            query,
+            User,
+            schemas.UserRead,
             page=page,
             limit=limit,
+            sort=sort,
+            descending=descending,
         )
 
     async def get(self, principal: Principal, user_id: uuid.UUID) -> User:
@@ -541,20 +521,15 @@ class ProjectService:
         visible = principal.visible_projects()
         if visible is not None:
             query = query.where(col(Project.id).in_(visible))
-        total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
-        offset, limit = _page(page, limit)
-        rows = (
-            await self.session.exec(
-                query.order_by(_order(Project, sort, descending), col(Project.id))
-                .offset(offset)
-                .limit(limit)
-            )
-        ).all()
-        return Page(
-            items=[schemas.ProjectRead.model_validate(r) for r in rows],
-            total=total,
+        return await paginate(
+            self.session,
+            query,
+            Project,
+            schemas.ProjectRead,
             page=page,
             limit=limit,
+            sort=sort,
+            descending=descending,
         )
 
     async def update(
@@ -767,20 +742,15 @@ class ApiKeyService:
     ) -> Page[schemas.ApiKeyRead]:
         await self.projects.get(principal, project_id, "api_keys:read")
         query = select(ApiKey).where(ApiKey.project_id == project_id)
-        total = (await self.session.exec(select(func.count()).select_from(query.subquery()))).one()
-        offset, limit = _page(page, limit)
-        rows = (
-            await self.session.exec(
-                query.order_by(_order(ApiKey, sort, descending), col(ApiKey.id))
-                .offset(offset)
-                .limit(limit)
-            )
-        ).all()
-        return Page(
-            items=[schemas.ApiKeyRead.model_validate(r) for r in rows],
-            total=total,
+        return await paginate(
+            self.session,
+            query,
+            ApiKey,
+            schemas.ApiKeyRead,
             page=page,
             limit=limit,
+            sort=sort,
+            descending=descending,
         )
 
     async def get(
