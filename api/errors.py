@@ -10,7 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from starlette.exceptions import HTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -26,6 +32,8 @@ log = get_logger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 UNIQUE_VIOLATION = "23505"
+# SQLSTATE class 22: data exceptions (bad encoding, NUL byte, out of range...).
+DATA_EXCEPTION_CLASS = "22"
 
 
 class Problem(BaseModel):
@@ -147,8 +155,17 @@ async def _http_error(request: Request, err: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, err: Exception) -> JSONResponse:
+    sqlstate = str(getattr(getattr(err, "orig", None), "sqlstate", "") or "")
+    if isinstance(err, DataError) or sqlstate.startswith(DATA_EXCEPTION_CLASS):
+        # Input the database cannot hold (a NUL character, a number out of range).
+        return problem_response(
+            request,
+            status=422,
+            code="validation",
+            title="Request validation failed",
+            detail="a value in the request cannot be stored (for example a NUL character)",
+        )
     if isinstance(err, IntegrityError):
-        sqlstate = getattr(getattr(err, "orig", None), "sqlstate", None)
         message = (
             "a resource with these values already exists"
             if sqlstate == UNIQUE_VIOLATION

@@ -443,3 +443,10 @@ class TestListing:
         assert [p["name"] for p in newest["items"]] == ["bravo", "alpha", "charlie"]
         bad = await api.get("/api/v1/projects", params={"sort": "secret_column"})
         assert bad.status_code == 422
+
+
+class TestInputTheDatabaseCannotHold:
+    async def test_nul_character_in_a_filter_is_422(self, api: httpx.AsyncClient) -> None:
+        response = await api.get("/api/v1/audit", params={"action": "bad\x00value"})
+        assert response.status_code == 422
+        assert response.headers["content-type"] == "application/problem+json"

@@ -33,6 +33,7 @@ TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
     ("PATCH", "/api/v1/users/{user_id}"): {"display_name": "Renamed"},
+    ("POST", "/api/v1/users/{user_id}/reset-password"): None,
     ("PATCH", "/api/v1/projects/{project_id}"): {"description": "changed"},
     ("DELETE", "/api/v1/projects/{project_id}"): None,
     ("POST", "/api/v1/projects/{project_id}/members"): {"user_id": "{user_id}", "role": "viewer"},

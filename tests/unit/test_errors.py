@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from api.errors import install_error_handlers
 from control_plane.core.errors import (
@@ -83,6 +83,12 @@ class TestOtherErrors:
         response = make_app(error).get("/boom")
         assert response.status_code == 409
         assert response.json()["detail"] == "a resource with these values already exists"
+
+    def test_value_the_database_cannot_hold_is_422(self) -> None:
+        error = DataError("SELECT ...", {}, ValueError("invalid byte sequence 0x00"))
+        response = make_app(error).get("/boom")
+        assert response.status_code == 422
+        assert response.json()["type"] == "urn:control-plane:problem:validation"
 
     def test_lost_database_is_503(self) -> None:
         error = OperationalError("SELECT 1", {}, ConnectionRefusedError())
