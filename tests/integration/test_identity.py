@@ -450,3 +450,49 @@ class TestInputTheDatabaseCannotHold:
         response = await api.get("/api/v1/audit", params={"action": "bad\x00value"})
         assert response.status_code == 422
         assert response.headers["content-type"] == "application/problem+json"
+
+
+class TestNewcomerJourney:
+    async def test_sign_in_then_project_member_key_credential_all_audited(
+        self, anonymous_api: httpx.AsyncClient, identities: IdentityFactory
+    ) -> None:
+        tenant = await identities.tenant()
+        admin = await identities.user(tenant, admin=True)
+        token = (await login(anonymous_api, f"{tenant.slug}/{admin.user.username}")).json()
+        headers = bearer(token["access_token"])
+
+        project = await anonymous_api.post(
+            "/api/v1/projects", json={"name": "first"}, headers=headers
+        )
+        assert project.status_code == 201
+        project_id = project.json()["id"]
+        user = await anonymous_api.post(
+            "/api/v1/users", json={"username": "colleague"}, headers=headers
+        )
+        member = await anonymous_api.post(
+            f"/api/v1/projects/{project_id}/members",
+            json={"user_id": user.json()["id"], "role": "member"},
+            headers=headers,
+        )
+        key = await anonymous_api.post(
+            f"/api/v1/projects/{project_id}/api-keys",
+            json={"name": "automation", "scopes": ["projects:read"]},
+            headers=headers,
+        )
+        credential = await anonymous_api.post(
+            f"/api/v1/projects/{project_id}/credentials",
+            json={"name": "openai", "provider": "openai", "api_key": "sk-newcomer-secret-1234"},
+            headers=headers,
+        )
+        assert [r.status_code for r in (user, member, key, credential)] == [201] * 4
+
+        audit = (await anonymous_api.get("/api/v1/audit", headers=headers)).json()["items"]
+        assert [e["action"] for e in audit][:6] == [
+            "credential.create",
+            "api_key.create",
+            "member.add",
+            "user.create",
+            "project.create",
+            "auth.login",
+        ]
+        assert all(e["actor_id"] == str(admin.user.id) for e in audit[:6])
