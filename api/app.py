@@ -17,6 +17,7 @@ from api.errors import PROBLEM_MEDIA_TYPE, Problem, install_error_handlers
 from api.middleware import RequestLogMiddleware
 from api.routes import (
     audit,
+    clusters,
     auth,
     credentials,
     health,
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(audit.router)
     app.include_router(credentials.router)
+    app.include_router(clusters.router)
     app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()

@@ -24,6 +24,7 @@ from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings, WorkerSettings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import get_logger
+from control_plane.credentials.crypto import load_vault
 from workers.registry import POOLS, WorkerResources
 from workflows.queues import Queue, task_queue
 
@@ -95,7 +96,11 @@ async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
     if settings.temporal.register_search_attributes:
         await temporal.ensure_search_attributes(client)
     engine = create_engine(settings.database)
-    resources = WorkerResources(sessions=create_sessionmaker(engine))
+    resources = WorkerResources(
+        sessions=create_sessionmaker(engine),
+        vault=load_vault(settings),
+        data_dir=settings.data_dir,
+    )
     workers = build_workers(
         client,
         resources,

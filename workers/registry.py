@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities.bookkeeping import BookkeepingActivities
+from activities.clusters import ClusterActivities
 from activities.system import SystemActivities
+from control_plane.credentials.crypto import Vault
+from workflows.clusters import DeleteCluster, MonitorCluster, OnboardCluster
 from workflows.queues import Queue
 from workflows.system import DiagnoseSystem
 
@@ -24,6 +28,19 @@ class WorkerResources:
     """Clients built once per worker process and handed to activity constructors."""
 
     sessions: async_sessionmaker[AsyncSession]
+    vault: Vault
+    # Where the `local` provider keeps per-cluster working files.
+    data_dir: Path
+    # The NVIDIA tool the `local` provider asks for GPUs (absent: no GPUs).
+    nvidia_smi: str = "nvidia-smi"
+
+    def clusters(self) -> ClusterActivities:
+        return ClusterActivities(
+            self.sessions,
+            self.vault,
+            work_dir=self.data_dir / "clusters",
+            nvidia_smi=self.nvidia_smi,
+        )
 
 
 @dataclass(frozen=True)
@@ -41,18 +58,38 @@ def _system(_: WorkerResources) -> list[Callable[..., Any]]:
 
 
 def _orchestration(resources: WorkerResources) -> list[Callable[..., Any]]:
-    return [BookkeepingActivities(resources.sessions).record_workflow_run, *_system(resources)]
+    clusters = resources.clusters()
+    return [
+        BookkeepingActivities(resources.sessions).record_workflow_run,
+        clusters.set_cluster_status,
+        clusters.save_cluster_inventory,
+        *_system(resources),
+    ]
+
+
+def _cluster(resources: WorkerResources) -> list[Callable[..., Any]]:
+    clusters = resources.clusters()
+    return [
+        clusters.validate_cluster_credential,
+        clusters.connect_cluster,
+        clusters.discover_cluster,
+        clusters.prepare_cluster,
+        clusters.smoke_check_cluster,
+        clusters.check_cluster_health,
+        clusters.teardown_cluster,
+        *_system(resources),
+    ]
 
 
 POOLS: dict[Queue, PoolSpec] = {
     Queue.ORCHESTRATION: PoolSpec(
         Queue.ORCHESTRATION,
-        workflows=[DiagnoseSystem],
+        workflows=[DiagnoseSystem, OnboardCluster, MonitorCluster, DeleteCluster],
         activities=_orchestration,
         description="all workflows; DB bookkeeping activities",
     ),
     Queue.CLUSTER: PoolSpec(
-        Queue.CLUSTER, activities=_system, description="cluster connect/discover/health"
+        Queue.CLUSTER, activities=_cluster, description="cluster connect/discover/health"
     ),
     Queue.MODEL: PoolSpec(
         Queue.MODEL,

@@ -7,7 +7,7 @@ worker activities) is the one place that commits or rolls back.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -66,9 +66,22 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
+AfterCommit = Callable[[AsyncSession], Awaitable[None]]
+_AFTER_COMMIT = "cp_after_commit"
+
+
+def after_commit(session: AsyncSession, hook: AfterCommit) -> None:
+    """Run `hook` once this unit of work has committed (e.g. start a workflow whose
+    activities must see the new rows). Hooks run in the same session; what they write
+    is committed even when they raise, so a hook can record its own failure before the
+    error propagates."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(hook)
+
+
 @asynccontextmanager
 async def session_scope(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commit on success, roll back on any error."""
+    """One unit of work: commit on success, roll back on any error; then after-commit
+    hooks."""
     async with sessions() as session:
         try:
             yield session
@@ -76,3 +89,9 @@ async def session_scope(sessions: async_sessionmaker[AsyncSession]) -> AsyncIter
         except BaseException:
             await session.rollback()
             raise
+        while hooks := session.info.pop(_AFTER_COMMIT, None):
+            for hook in hooks:
+                try:
+                    await hook(session)
+                finally:
+                    await session.commit()

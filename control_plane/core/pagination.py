@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -31,8 +32,10 @@ async def paginate(
     limit: int,
     sort: str,
     descending: bool,
+    convert: Callable[[Any], R] | None = None,
 ) -> Page[R]:
-    """Count, order by `sort` (then id, so pages are stable) and fetch one page."""
+    """Count, order by `sort` (then id, so pages are stable) and fetch one page.
+    `convert` builds the read model from a row when `read.model_validate` cannot."""
     total = (await session.exec(select(func.count()).select_from(query.subquery()))).one()
     column = col(getattr(table, sort))
     rows = (
@@ -43,5 +46,5 @@ async def paginate(
         )
     ).all()
     return Page(
-        items=[read.model_validate(row) for row in rows], total=total, page=page, limit=limit
+        items=[(convert or read.model_validate)(row) for row in rows], total=total, page=page, limit=limit
     )

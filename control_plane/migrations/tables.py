@@ -1,8 +1,9 @@
 """Imports every table module so `metadata` is complete for migrations and tests."""
 
 from control_plane.audit import tables as audit
+from control_plane.clusters import tables as clusters
 from control_plane.credentials import tables as credentials
 from control_plane.identity import tables as identity
 from control_plane.workflow_runs import tables as workflow_runs
 
-__all__ = ["audit", "credentials", "identity", "workflow_runs"]
+__all__ = ["audit", "clusters", "credentials", "identity", "workflow_runs"]

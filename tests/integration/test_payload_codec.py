@@ -22,6 +22,7 @@ from control_plane.core import temporal
 from control_plane.core.codec import generate_key, payload_codec
 from control_plane.core.config import CodecSettings, Settings
 from control_plane.core.db import create_engine, create_sessionmaker
+from control_plane.credentials.crypto import load_vault
 from tests.fixtures.identity import Actor, IdentityFactory
 from tests.fixtures.stack import ApiServer
 from workers.main import build_workers
@@ -54,7 +55,11 @@ async def diagnosed(settings: Settings, codec_client: Client) -> AsyncIterator[s
     engine = create_engine(settings.database)
     workers = build_workers(
         codec_client,
-        WorkerResources(sessions=create_sessionmaker(engine)),
+        WorkerResources(
+            sessions=create_sessionmaker(engine),
+            vault=load_vault(settings),
+            data_dir=settings.data_dir,
+        ),
         ALL_QUEUES,
         prefix=settings.temporal.task_queue_prefix,
         settings=settings.worker,
