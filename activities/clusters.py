@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from control_plane.clusters.providers.kubernetes import KubernetesProvider
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
@@ -27,6 +26,7 @@ from control_plane.clusters.providers.base import (
     InvalidClusterConfig,
     ProviderError,
 )
+from control_plane.clusters.providers.kubernetes import KubernetesProvider
 from control_plane.clusters.providers.local import LocalProvider
 from control_plane.clusters.repository import ClusterRepository
 from control_plane.core.db import session_scope

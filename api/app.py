@@ -17,8 +17,8 @@ from api.errors import PROBLEM_MEDIA_TYPE, Problem, install_error_handlers
 from api.middleware import RequestLogMiddleware
 from api.routes import (
     audit,
-    clusters,
     auth,
+    clusters,
     credentials,
     health,
     projects,

@@ -118,6 +118,42 @@ def bootstrap() -> None:
     typer.echo(f"bootstrap admin: {username}  password: {password}  (shown once; change it)")
 
 
+clusters_app = typer.Typer(help="Compute clusters.", no_args_is_help=True)
+app.add_typer(clusters_app, name="clusters")
+
+
+@clusters_app.command("onboard-local")
+def clusters_onboard_local() -> None:
+    """Onboard this machine as the bootstrap tenant's `local` cluster, unless the tenant
+    has (or had) a cluster already. `cpctl dev` runs it on every start."""
+    from control_plane.clusters.service import onboard_local_cluster
+    from control_plane.core import temporal
+    from control_plane.core.codec import payload_codec
+    from control_plane.core.db import create_engine, create_sessionmaker
+    from control_plane.credentials.crypto import load_vault
+
+    _setup_logging()
+    settings = get_settings()
+    if settings.auth.mode != "local":
+        typer.echo("keycloak mode: onboard clusters per tenant through the API")
+        return
+
+    async def run() -> str:
+        engine = create_engine(settings.database)
+        try:
+            client = await temporal.connect(settings.temporal, codec=payload_codec(settings.codec))
+            created = await onboard_local_cluster(
+                create_sessionmaker(engine), settings, load_vault(settings), client
+            )
+        finally:
+            await engine.dispose()
+        if created is None:
+            return "local cluster: the bootstrap tenant has clusters already; nothing to onboard"
+        return f"local cluster: onboarding {created.name} ({created.id}) in {created.workflow_id}"
+
+    typer.echo(asyncio.run(run()))
+
+
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 

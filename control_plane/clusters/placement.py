@@ -204,11 +204,11 @@ def _gpu_shortfall(
         total = sum(group.count for node in nodes for group in node.accelerators)
         reason = f"does not fit: all {_plural(total, 'GPU')} are in use"
     elif possible == 0 and slots:
-        largest = max(slots, key=lambda s: (s.group.allocatable * s.group.memory_mb, s.node))
+        largest = min(slots, key=lambda s: (-s.group.allocatable * s.group.memory_mb, s.node))
         reason = (
             f"does not fit: a replica needs {_gib(demand.memory_mb)}; the largest free GPU "
             f"group is {largest.group.allocatable} × {largest.group.model} "
-            f"({_gib(largest.group.memory_mb)} each) on {largest.node}"
+            f"({_gib(largest.group.memory_mb)} each) on node {largest.node}"
         )
     elif possible == 0:
         reason = "does not fit: no free GPU reports its memory size"
@@ -220,7 +220,7 @@ def _gpu_shortfall(
         )
     if unknown:
         listed = ", ".join(
-            f"{group.allocatable} × {group.model} on {node}" for node, group in unknown
+            f"{group.allocatable} × {group.model} on node {node}" for node, group in unknown
         )
         reason += f"; not judged, memory size unknown: {listed}"
     return reason
@@ -268,10 +268,10 @@ def _cpu_fit(nodes: Sequence[NodeInfo], demand: Demand) -> _Fit:
             f"{_plural(demand.replicas, 'replica')}"
         )
         if possible == 0:
-            roomiest = max(nodes, key=lambda n: (n.allocatable_memory_mb, n.name))
+            roomiest = min(nodes, key=lambda n: (-n.allocatable_memory_mb, n.name))
             reason += (
                 f"; a replica needs {_gib(demand.memory_mb)} and the most free on one node "
-                f"is {_gib(max(roomiest.allocatable_memory_mb, 0))} on {roomiest.name}"
+                f"is {_gib(max(roomiest.allocatable_memory_mb, 0))} on node {roomiest.name}"
             )
     return _Fit(False, possible, 0.0, reason)
 

@@ -63,6 +63,11 @@ class ClusterRepository:
         )
         return (await self.session.exec(query)).all()
 
+    async def any_cluster(self, tenant_id: uuid.UUID) -> bool:
+        """Whether the tenant ever had a cluster (deleted ones count)."""
+        query = select(Cluster.id).where(Cluster.tenant_id == tenant_id).limit(1)
+        return (await self.session.exec(query)).first() is not None
+
     async def name_taken(self, tenant_id: uuid.UUID, name: str) -> bool:
         query = select(Cluster.id).where(
             Cluster.tenant_id == tenant_id,

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -35,7 +36,8 @@ from control_plane.clusters.schemas import (
 )
 from control_plane.clusters.tables import Accelerator, Cluster, ClusterEvent, ClusterNode
 from control_plane.core import temporal
-from control_plane.core.db import after_commit
+from control_plane.core.config import Settings
+from control_plane.core.db import after_commit, session_scope
 from control_plane.core.errors import Conflict, ControlPlaneError, NotFound
 from control_plane.core.logging import get_logger
 from control_plane.core.pagination import paginate
@@ -44,6 +46,7 @@ from control_plane.credentials.providers import Provider
 from control_plane.credentials.repository import CredentialRepository
 from control_plane.credentials.service import reveal
 from control_plane.identity.permissions import Principal, authorize
+from control_plane.identity.repository import IdentityRepository
 from control_plane.workflow_runs.service import WorkflowRunService
 from workflows.contracts.clusters import (
     REFRESH_SIGNAL,
@@ -410,3 +413,27 @@ class ClusterService:
             device=demand.device,
             items=list(rank(candidates, demand)),
         )
+
+
+async def onboard_local_cluster(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, vault: Vault, client: Client
+) -> ClusterRead | None:
+    """First start of the embedded stack: onboard this machine as the bootstrap tenant's
+    `local` cluster. Does nothing once the tenant has (or had) any cluster, so a deleted
+    local cluster stays deleted."""
+    async with session_scope(sessions) as session:
+        identities = IdentityRepository(session)
+        tenant = await identities.tenant_by_slug(settings.auth.bootstrap_tenant)
+        if tenant is None or await ClusterRepository(session).any_cluster(tenant.id):
+            return None
+        admin = await identities.user_by_username(tenant.id, settings.auth.bootstrap_admin)
+        principal = Principal(
+            tenant_id=tenant.id,
+            user_id=admin.id if admin else None,
+            is_tenant_admin=True,
+            username=admin.username if admin else None,
+        )
+        service = ClusterService(
+            session, vault, client, queue_prefix=settings.temporal.task_queue_prefix
+        )
+        return await service.create(principal, ClusterCreate(name="local", kind=ClusterKind.LOCAL))

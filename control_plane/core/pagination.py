@@ -46,5 +46,8 @@ async def paginate(
         )
     ).all()
     return Page(
-        items=[(convert or read.model_validate)(row) for row in rows], total=total, page=page, limit=limit
+        items=[(convert or read.model_validate)(row) for row in rows],
+        total=total,
+        page=page,
+        limit=limit,
     )

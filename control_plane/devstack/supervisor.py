@@ -335,6 +335,7 @@ class DevStack:
         self.data_dir = settings.data_dir.expanduser().resolve()
         self.logs_dir = self.data_dir / "logs"
         self.bootstrap_line: str | None = None
+        self.cluster_line: str | None = None
         self.state_file = self.data_dir / STATE_FILE
         self.stopping = asyncio.Event()
         self.status = "starting"
@@ -544,6 +545,7 @@ class DevStack:
             await self._check_external_temporal()
         await self._migrate()
         await self._bootstrap()
+        await self._onboard_local_cluster()
         apps = [self._add(item) for item in plan if item.kind == "application"]
         for child in apps:
             await child.spawn()
@@ -575,6 +577,14 @@ class DevStack:
         text = await self._one_shot("bootstrap", ["bootstrap"])
         self.bootstrap_line = next(
             (line.strip() for line in text.splitlines() if line.startswith("bootstrap admin:")),
+            None,
+        )
+
+    async def _onboard_local_cluster(self) -> None:
+        # Started before the workers: the workflow waits on its task queue until they poll.
+        text = await self._one_shot("local cluster onboarding", ["clusters", "onboard-local"])
+        self.cluster_line = next(
+            (line.strip() for line in text.splitlines() if line.startswith("local cluster:")),
             None,
         )
 
@@ -731,6 +741,8 @@ class DevStack:
             lines.append(
                 "  (sign in at /docs -> Authorize; change it with POST /api/v1/auth/password)"
             )
+        if self.cluster_line:
+            lines.append(f"  {self.cluster_line}")
         lines.append("Ctrl-C stops everything.")
         rule = "-" * max(len(line) for line in lines)
         print("\n".join([rule, *lines, rule]), flush=True)

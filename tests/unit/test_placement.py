@@ -109,7 +109,7 @@ class TestTensorParallelWithinANode:
         assert rec.replicas_possible == 0
         assert rec.reason == (
             "does not fit: a replica needs 100 GiB; the largest free GPU group is "
-            "4 × NVIDIA L4 (22.5 GiB each) on n"
+            "4 × NVIDIA L4 (22.5 GiB each) on node n"
         )
 
     def test_different_models_on_one_node_are_not_combined(self) -> None:
@@ -126,7 +126,7 @@ class TestNotAcrossNodes:
         )
         assert not rec.fits
         assert rec.replicas_possible == 0
-        assert "the largest free GPU group is 1 × NVIDIA L4 (22.5 GiB each) on node-a" in (
+        assert "the largest free GPU group is 1 × NVIDIA L4 (22.5 GiB each) on node node-a" in (
             rec.reason
         )
 
@@ -196,13 +196,13 @@ class TestUnknownGpuMemory:
         assert rec.replicas_possible == 0
         assert rec.reason == (
             "does not fit: no free GPU reports its memory size; "
-            "not judged, memory size unknown: 1 × NVIDIA GB10 on spark"
+            "not judged, memory size unknown: 1 × NVIDIA GB10 on node spark"
         )
 
     def test_mentioned_next_to_a_too_small_group(self) -> None:
         rec = only(cluster("c", node("n", gpus(L4, 1), gpus(self.UNKNOWN, 2))), Demand(40 * GIB))
         assert "the largest free GPU group is 1 × NVIDIA L4" in rec.reason
-        assert rec.reason.endswith("not judged, memory size unknown: 2 × NVIDIA GB10 on n")
+        assert rec.reason.endswith("not judged, memory size unknown: 2 × NVIDIA GB10 on node n")
 
     def test_known_groups_still_place(self) -> None:
         rec = only(cluster("c", node("n", gpus(L4, 1), gpus(self.UNKNOWN, 2))), Demand(GIB))
@@ -250,7 +250,7 @@ class TestCpuDemand:
         assert rec.replicas_possible == 0
         assert rec.reason == (
             "does not fit: 12.5 GiB free CPU memory holds 0 of the 1 replica; a replica "
-            "needs 8 GiB and the most free on one node is 6.5 GiB on b"
+            "needs 8 GiB and the most free on one node is 6.5 GiB on node b"
         )
 
     def test_each_replica_needs_a_free_core(self) -> None:
