@@ -9,6 +9,7 @@ retryable, so the workflow's retry policy decides how long to keep trying.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from workflows.contracts.clusters import (
 log = get_logger(__name__)
 
 UNREACHABLE = "ClusterUnreachable"
+HEARTBEAT_EVERY_SECONDS = 2.0
 
 
 def _permanent(message: str, kind: str) -> ApplicationError:
@@ -65,6 +67,14 @@ def _as_activity_error(err: ProviderError) -> ApplicationError:
     if isinstance(err, ClusterAuthError):
         return _permanent(str(err), AUTH_FAILED)
     return ApplicationError(str(err), type=UNREACHABLE)
+
+
+async def _heartbeat() -> None:
+    """Heartbeat while a provider call runs, so a worker that dies mid-call is noticed
+    within the heartbeat timeout (not the whole call timeout) and cancellation arrives."""
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(HEARTBEAT_EVERY_SECONDS)
 
 
 class ClusterActivities:
@@ -107,6 +117,7 @@ class ClusterActivities:
     async def _provider(self, target: ClusterTarget) -> AsyncIterator[ClusterProvider]:
         provider: ClusterProvider
         kubernetes: KubernetesProvider | None = None
+        beating = asyncio.create_task(_heartbeat())
         try:
             if target.kind is ClusterKind.LOCAL:
                 work_dir = self.work_dir / str(target.cluster_id) if self.work_dir else None
@@ -126,6 +137,7 @@ class ClusterActivities:
         except ProviderError as err:
             raise _as_activity_error(err) from None
         finally:
+            beating.cancel()
             if kubernetes is not None:
                 kubernetes.close()
 

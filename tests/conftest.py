@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.s3",
     "tests.fixtures.oidc",
+    "tests.fixtures.kube",
 ]

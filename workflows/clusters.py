@@ -53,8 +53,10 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 
 RESOURCE_KIND = "cluster"
-# Cluster API calls are short; anything slower is a hung connection.
+# Cluster API calls are short; anything slower is a hung connection. The activities
+# heartbeat while they wait, so a dead worker is noticed within the heartbeat timeout.
 CLUSTER_CALL_TIMEOUT = timedelta(seconds=60)
+CLUSTER_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 CLUSTER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -139,6 +141,7 @@ class ClusterWorkflow(TrackedWorkflow):
             task_queue=queue_for(Queue.CLUSTER),
             result_type=result_type,
             start_to_close_timeout=CLUSTER_CALL_TIMEOUT,
+            heartbeat_timeout=CLUSTER_HEARTBEAT_TIMEOUT,
             retry_policy=retry,
         )
         return result

@@ -182,9 +182,10 @@ def _gpu_placed(
             f"({_gib(slot.group.memory_mb)}) on node {slot.node}"
         )
     headroom = round((free_mb - used_mb) / free_mb * 100, 1)
+    left = free_gpus - used_gpus
     reason = (
-        f"fits: {', '.join(parts)}; {free_gpus - used_gpus} of {free_gpus} free GPUs "
-        f"stay free (room for {_plural(possible, 'replica')} in all)"
+        f"fits: {', '.join(parts)}; {left} of {free_gpus} free GPUs "
+        f"{'stays' if left == 1 else 'stay'} free (room for {_plural(possible, 'replica')} in all)"
     )
     return _Fit(True, possible, headroom, reason)
 

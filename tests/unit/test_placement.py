@@ -148,7 +148,7 @@ class TestReplicasAcrossNodes:
             "fits: 2 replicas × 1 NVIDIA A100-SXM4-80GB (80 GiB) on node gpu-1, "
             "2 replicas × 1 NVIDIA A100-SXM4-80GB (80 GiB) on node gpu-2, "
             "1 replica × 1 NVIDIA A100-SXM4-80GB (80 GiB) on node gpu-3; "
-            "1 of 6 free GPUs stay free"
+            "1 of 6 free GPUs stays free"
         )
 
     def test_smallest_sufficient_gpus_are_used_first(self) -> None:

@@ -272,6 +272,11 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, urllib3.exceptions.ProtocolError):
         return "the connection was dropped before an answer"
     if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
+        cause = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+                return f"TLS handshake failed: certificate verify failed ({cause.verify_message})"
+            cause = cause.__cause__ or cause.__context__
         return "TLS handshake failed"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -431,7 +436,9 @@ class KubernetesProvider:
         config: Any = configuration
         # The activity's retry policy owns retrying; urllib3 retrying underneath it would
         # multiply attempts against a struggling server and delay the failure report.
-        config.retries = False
+        # (Zero rather than False: with False, urllib3 raises its bare SSLError, which
+        # kubernetes 36's client mangles into an AttributeError.)
+        config.retries = 0
         _send_bearer_token(config)
         self.cluster_id = cluster_id
         self.namespace = namespace
