@@ -47,7 +47,8 @@ class TestLocalOnboarding:
         assert started["workflow_id"] == f"cluster-onboard-{started['id']}"
 
         body = await wait_for_cluster(api, started["id"], "available")
-        assert body["kind"] == "local" and body["platform"] == "local"
+        assert body["kind"] == "local"
+        assert body["platform"] == "local"
         capacity = body["capacity"]
         assert capacity["nodes"] == capacity["ready_nodes"] == 1
         assert capacity["cpu_cores"] == psutil.cpu_count()
@@ -56,7 +57,8 @@ class TestLocalOnboarding:
         assert 0 < capacity["allocatable_memory_mb"] <= capacity["memory_mb"]
         assert capacity["gpus"] == 0
         [node] = body["nodes"]
-        assert node["status"] == "ready" and node["accelerators"] == []
+        assert node["status"] == "ready"
+        assert node["accelerators"] == []
         assert [(e["previous_status"], e["status"]) for e in reversed(body["history"])] == [
             (None, "onboarding"),
             ("onboarding", "available"),
@@ -121,7 +123,8 @@ class TestLocalOnboarding:
         assert (await api.get(f"/api/v1/clusters/{cluster['id']}")).status_code == 404
         listed = (await api.get("/api/v1/clusters", params={"include_deleted": True})).json()
         [row] = listed["items"]
-        assert row["status"] == "deleted" and "cancelled" in row["status_reason"]
+        assert row["status"] == "deleted"
+        assert "cancelled" in row["status_reason"]
         # The machine is free to be onboarded again.
         await onboard_local(api, "local-2")
 

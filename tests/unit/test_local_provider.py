@@ -71,6 +71,24 @@ Tue Mar 12 10:04:31 2024
 +-----------------------------------------+------------------------+----------------------+
 """
 
+# Captured on an H100 machine (driver 580): the query output, and the banner's head with
+# the trailing spaces of its date line trimmed.
+CAPTURED_H100_QUERY = "0, NVIDIA H100 80GB HBM3, 81559, 0, 580.159.04\n"
+CAPTURED_H100_BANNER = """\
+Thu Nov 26 05:56:51 2026
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: 13.0     |
++-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |
+|                                         |                        |               MIG M. |
+|=========================================+========================+======================|
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:06.0 Off |                    0 |
+| N/A   41C    P0            106W /  700W |       0MiB /  81559MiB |      0%      Default |
+|                                         |                        |             Disabled |
++-----------------------------------------+------------------------+----------------------+
+"""
+
 OLD_BANNER = "| NVIDIA-SMI 525.85.12    Driver Version: 525.85.12    CUDA Version: 12.0     |\n"
 
 DRIVER_FAILURE = (
@@ -108,6 +126,16 @@ class TestParseGpuQuery:
         assert group.allocatable == 6
         assert group.driver_version == "550.54.15"
         assert group.cuda_version is None
+
+    def test_captured_h100(self) -> None:
+        (group,) = parse_gpu_query(CAPTURED_H100_QUERY)
+        assert (group.model, group.memory_mb, group.count, group.allocatable) == (
+            "NVIDIA H100 80GB HBM3",
+            81559,
+            1,
+            1,
+        )
+        assert group.driver_version == "580.159.04"
 
     def test_mixed_models_form_groups_in_order_of_appearance(self) -> None:
         rtx, a6000 = parse_gpu_query(WORKSTATION)
@@ -162,6 +190,9 @@ class TestParseGpuQuery:
 class TestParseCudaVersion:
     def test_current_banner(self) -> None:
         assert parse_cuda_version(BANNER) == "12.4"
+
+    def test_captured_h100_banner(self) -> None:
+        assert parse_cuda_version(CAPTURED_H100_BANNER) == "13.0"
 
     def test_older_banner(self) -> None:
         assert parse_cuda_version(OLD_BANNER) == "12.0"
@@ -257,6 +288,16 @@ class TestLocalProviderWithFakeNvidiaSmi:
         assert gpu.cuda_version == "12.4"
         assert node.ready
         assert node.reason == ""
+
+    async def test_captured_h100_outputs(self, tmp_path: Path) -> None:
+        smi = working_smi(tmp_path, CAPTURED_H100_QUERY, CAPTURED_H100_BANNER)
+        (node,) = (await LocalProvider(nvidia_smi=smi).discover()).nodes
+        (gpu,) = node.accelerators
+        assert (gpu.model, gpu.allocatable, gpu.cuda_version) == (
+            "NVIDIA H100 80GB HBM3",
+            1,
+            "13.0",
+        )
 
     async def test_mixed_models(self, tmp_path: Path) -> None:
         provider = LocalProvider(nvidia_smi=working_smi(tmp_path, WORKSTATION, OLD_BANNER))

@@ -540,14 +540,10 @@ class KubernetesProvider:
         status = int(exc.status or 0)
         message = _status_message(exc)
         answered = f"{what} on {self.server_url} answered {status} {exc.reason or ''}".rstrip()
-        if message:
+        if message and message != exc.reason:
             answered = f"{answered}: {message}"
         if status in (401, 403):
             return ClusterAuthError(answered)
-        if status == 0:
-            # The client reports TLS failures (e.g. an unknown certificate authority) as
-            # status 0; the certificate may be rotated, so let the caller's retries decide.
-            return ClusterUnreachable(f"cannot reach {self.server_url}: TLS handshake failed")
         if status == 429 or status >= 500:
             return ClusterUnreachable(answered)
         return ProviderError(answered)
