@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from api.app import create_app
+from control_plane.clusters.tables import Cluster
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine, create_sessionmaker, session_scope
 from control_plane.identity.tables import ProjectRole
@@ -29,6 +30,8 @@ from workflows.contracts.common import Progress, ResourceRef, RunRecord, RunStat
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 # Routes about the caller's own tenant, or without a resource of a project in the path.
 TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
+# Tenant-owned resources every user of the tenant reads and only tenant admins write.
+TENANT_READABLE = ("/api/v1/clusters/",)
 
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
@@ -54,6 +57,8 @@ BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("DELETE", "/api/v1/projects/{project_id}/credentials/{credential_id}"): None,
     ("PATCH", "/api/v1/credentials/{credential_id}"): {"name": "renamed"},
     ("DELETE", "/api/v1/credentials/{credential_id}"): None,
+    ("POST", "/api/v1/clusters/{cluster_id}/refresh"): None,
+    ("DELETE", "/api/v1/clusters/{cluster_id}"): None,
 }
 
 
@@ -118,6 +123,15 @@ async def build_world(
                     finished_at=tenant.created_at,
                 )
             )
+            cluster = Cluster(
+                tenant_id=tenant.id,
+                name="isolated",
+                kind="local",
+                server_url=f"local://isolation-{uuid.uuid4()}",
+                namespace="unused",
+                status="available",
+            )
+            session.add(cluster)
     finally:
         await engine.dispose()
     params = {
@@ -126,6 +140,7 @@ async def build_world(
         "user_id": str(owner.user.id),
         "key_id": key.json()["id"],
         "workflow_id": workflow_id,
+        "cluster_id": str(cluster.id),
     }
     if credential.status_code == 201:
         params["credential_id"] = credential.json()["id"]
@@ -175,6 +190,13 @@ async def test_route_isolation(
         return
     non_member = await call(anonymous_api, world.non_member, method, path, world)
     viewer = await call(anonymous_api, world.viewer, method, path, world)
+    if path.startswith(TENANT_READABLE):
+        for response in (non_member, viewer):
+            if method in WRITE_METHODS:
+                assert response.status_code == 403, f"user write: {response.text}"
+            else:
+                assert 200 <= response.status_code < 300, f"user read: {response.text}"
+        return
     if tenant_wide:
         # Users and tenant-wide credentials: plain users neither see nor change them.
         assert non_member.status_code in (403, 404), non_member.text

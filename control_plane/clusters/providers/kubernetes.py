@@ -13,9 +13,9 @@ Errors map onto the provider errors of `base`:
 - 401/403 -> `ClusterAuthError` (permanent);
 - 5xx, 429, connection errors, timeouts, TLS failures -> `ClusterUnreachable` (transient);
 - a kubeconfig that cannot describe a cluster -> `InvalidClusterConfig` (permanent);
-- any other answer the server refuses (400, 404, 405, 422...) -> plain `ProviderError`:
-  neither a transport problem nor a credential one, the message carries the server's
-  `Status` message.
+- any other answer the server refuses (400, 404, 405, 422...), or an answer that is not a
+  Kubernetes object at all -> plain `ProviderError`: neither a transport problem nor a
+  credential one; the message carries the server's `Status` message.
 
 Kubeconfigs are tenant-supplied documents, so only self-contained credentials are
 accepted: a bearer token, inline client certificate/key data, or username/password.
@@ -79,16 +79,16 @@ _NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Status messages can quote whole objects; keep error messages readable.
 _MAX_MESSAGE = 300
 
-# Kubeconfig keys that point at files or programs on the control plane's own host.
-_REFUSED_USER_KEYS = {
-    "exec": "runs a credential plugin (exec)",
-    "auth-provider": "uses an auth-provider plugin",
-    "tokenFile": "reads its token from a file (tokenFile)",
-    "client-certificate": "reads its client certificate from a file",
-    "client-key": "reads its client key from a file",
-}
-_REFUSED_CLUSTER_KEYS = {
-    "certificate-authority": "reads its certificate authority from a file",
+# Kubeconfig keys that would make the loader run programs or use the control plane's own
+# identity: a tenant's document must not do either on our host.
+_REFUSED_PLUGINS = {"exec": "a credential plugin (exec)", "auth-provider": "an auth-provider"}
+# Keys that read files of the control plane's host, and the inline key the loader prefers
+# to them when both are present.
+_FILE_KEYS = {
+    "tokenFile": "token",
+    "client-certificate": "client-certificate-data",
+    "client-key": "client-key-data",
+    "certificate-authority": "certificate-authority-data",
 }
 
 
@@ -165,31 +165,34 @@ def server_url_of(kubeconfig: str) -> str:
     return _active_cluster(_load_document(kubeconfig))[2]
 
 
-def _refuse_host_references(document: Mapping[str, Any], context_name: str) -> None:
-    _, context = _active_context(document)
+def _refuse_host_references(document: Mapping[str, Any]) -> None:
+    """Refuse kubeconfigs whose active context would run programs or read local files."""
+    context_name, context = _active_context(document)
     cluster_name = str(context.get("cluster"))
     cluster = (_named(document, "clusters", cluster_name) or {}).get("cluster") or {}
-    for key, why in _REFUSED_CLUSTER_KEYS.items():
-        if key in cluster and f"{key}-data" not in cluster:
-            raise InvalidClusterConfig(
-                f"cluster {cluster_name!r} {why}; inline it as {key}-data instead"
-            )
+    sections: list[tuple[str, Mapping[str, Any]]] = [(f"cluster {cluster_name!r}", cluster)]
     user_name = context.get("user")
-    if not user_name:
-        return
-    user = (_named(document, "users", str(user_name)) or {}).get("user")
-    if user is None:
-        raise InvalidClusterConfig(
-            f"context {context_name!r} points at user {user_name!r}, "
-            "which the kubeconfig does not define"
-        )
-    if not isinstance(user, dict):
-        raise InvalidClusterConfig(f"user {user_name!r} is not a mapping")
-    for key, why in _REFUSED_USER_KEYS.items():
-        if key in user and not (key.startswith("client-") and f"{key}-data" in user):
+    if user_name:
+        user = (_named(document, "users", str(user_name)) or {}).get("user")
+        if not isinstance(user, dict):
             raise InvalidClusterConfig(
-                f"user {user_name!r} {why}; use a token or inline client certificate data"
+                f"context {context_name!r} points at user {user_name!r}, "
+                "which the kubeconfig does not define"
             )
+        for key, plugin in _REFUSED_PLUGINS.items():
+            if key in user:
+                raise InvalidClusterConfig(
+                    f"user {user_name!r} uses {plugin}, which is not supported: "
+                    "give a token or inline client certificate data"
+                )
+        sections.append((f"user {user_name!r}", user))
+    for owner, section in sections:
+        for key, inline in _FILE_KEYS.items():
+            if key in section and not section.get(inline):
+                raise InvalidClusterConfig(
+                    f"{owner} refers to a local file ({key}), which is not supported: "
+                    f"inline it as {inline}"
+                )
 
 
 def _check_tls_material(configuration: Any) -> None:
@@ -457,7 +460,7 @@ class KubernetesProvider:
     ) -> KubernetesProvider:
         document = _load_document(kubeconfig)
         context_name, _, _ = _active_cluster(document)
-        _refuse_host_references(document, context_name)
+        _refuse_host_references(document)
         configuration = k8s.Configuration()
         try:
             k8s_config.load_kube_config_from_dict(
@@ -535,6 +538,12 @@ class KubernetesProvider:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = _transport_reason(exc, self.request_timeout)
             raise ClusterUnreachable(f"cannot reach {self.server_url}: {reason}") from None
+        except (ValueError, TypeError):
+            # The client validates what it deserializes: an answer without the fields of a
+            # Kubernetes object (a web page behind the URL, say) fails here.
+            raise ProviderError(
+                f"{what} on {self.server_url} gave an answer that is not a Kubernetes API response"
+            ) from None
 
     def _refusal(self, what: str, exc: Any) -> ProviderError:
         status = int(exc.status or 0)
