@@ -182,7 +182,9 @@ class TestReplay:
             workflow_runner=_workflow_runner(),
         ).replay_workflow(history)
 
-    @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.json")), ids=lambda p: p.name)
+    @pytest.mark.parametrize(
+        "path", sorted(HISTORIES.glob("diagnose_*.json")), ids=lambda p: p.name
+    )
     async def test_recorded_histories_replay(self, path: Path) -> None:
         text = await asyncio.to_thread(path.read_text)
         history = WorkflowHistory.from_json(path.stem, json.loads(text))

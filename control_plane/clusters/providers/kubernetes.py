@@ -33,7 +33,7 @@ import json
 import re
 import ssl
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -255,6 +255,16 @@ def _status_message(exc: Any) -> str:
     return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + "..."
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and its causes, bounded in case a chain loops."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def _transport_reason(exc: BaseException, timeout: float) -> str:
     """A short, secret-free description of why a request never got an answer."""
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
@@ -262,11 +272,9 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, urllib3.exceptions.NameResolutionError):
         return "cannot resolve the host name"
     if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        cause: BaseException | None = exc
-        while cause is not None:
+        for cause in _chain(exc):
             if isinstance(cause, OSError) and cause.strerror:
                 return cause.strerror.lower()
-            cause = cause.__cause__ or cause.__context__
         return "cannot open a connection"
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return f"connection timed out after {timeout:g} s"
@@ -275,11 +283,9 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, urllib3.exceptions.ProtocolError):
         return "the connection was dropped before an answer"
     if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
-        cause = exc
-        while cause is not None:
+        for cause in _chain(exc):
             if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
                 return f"TLS handshake failed: certificate verify failed ({cause.verify_message})"
-            cause = cause.__cause__ or cause.__context__
         return "TLS handshake failed"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
