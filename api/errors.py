@@ -122,8 +122,10 @@ async def _validation_error(request: Request, err: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every documented method of the path (the router names only one route's methods)."""
-    methods: set[str] = set()
+    """Every documented method of the path (the router names only one route's methods).
+    A literal path (`/clusters/recommendations`) shadows the templates it also matches
+    (`/clusters/{cluster_id}`), as it does in the route table."""
+    matches: dict[int, set[str]] = {}
     for template, operations in request.app.openapi().get("paths", {}).items():
         pattern = (
             "^"
@@ -133,8 +135,9 @@ def _allowed_methods(request: Request) -> str:
             + "$"
         )
         if re.match(pattern, request.url.path):
+            methods = matches.setdefault(template.count("{"), set())
             methods |= {method.upper() for method in operations}
-    return ", ".join(sorted(methods))
+    return ", ".join(sorted(matches[min(matches)])) if matches else ""
 
 
 async def _http_error(request: Request, err: Exception) -> JSONResponse:

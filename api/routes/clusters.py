@@ -26,6 +26,8 @@ from control_plane.clusters.schemas import (
 from control_plane.clusters.service import ClusterService, ListFilters
 from workflows.contracts.clusters import ClusterKind, ClusterStatus
 
+# `{cluster_id:uuid}` only matches ids, so `/clusters/recommendations` never reaches the
+# per-cluster routes (a DELETE there is a 405, not an invalid id).
 router = APIRouter(prefix="/api/v1/clusters", tags=["clusters"])
 
 ClusterId = Annotated[uuid.UUID, Path()]
@@ -45,7 +47,7 @@ def service(state: StateDep, session: SessionDep) -> ClusterService:
     "",
     response_model=ClusterRead,
     status_code=status.HTTP_202_ACCEPTED,
-    responses=problems(401, 403, 409, 503),
+    responses=problems(401, 403, 404, 409, 503),
 )
 async def create_cluster(
     body: ClusterCreate, principal: CurrentPrincipal, state: StateDep, session: SessionDep
@@ -104,7 +106,7 @@ async def recommend_clusters(
     return await service(state, session).recommendations(principal, demand)
 
 
-@router.get("/{cluster_id}", response_model=ClusterDetail, responses=problems(401, 404))
+@router.get("/{cluster_id:uuid}", response_model=ClusterDetail, responses=problems(401, 404))
 async def get_cluster(
     cluster_id: ClusterId, principal: CurrentPrincipal, state: StateDep, session: SessionDep
 ) -> ClusterDetail:
@@ -113,7 +115,7 @@ async def get_cluster(
 
 
 @router.post(
-    "/{cluster_id}/refresh",
+    "/{cluster_id:uuid}/refresh",
     response_model=ClusterRead,
     status_code=status.HTTP_202_ACCEPTED,
     responses=problems(401, 403, 404, 409, 503),
@@ -126,7 +128,7 @@ async def refresh_cluster(
 
 
 @router.delete(
-    "/{cluster_id}",
+    "/{cluster_id:uuid}",
     response_model=ClusterRead,
     status_code=status.HTTP_202_ACCEPTED,
     responses=problems(401, 403, 404, 409, 503),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from control_plane.clusters.placement import Recommendation
 from control_plane.core.pagination import Page
@@ -23,29 +23,35 @@ Namespace = Annotated[
 ]
 
 
-class ClusterCreate(BaseModel):
+class LocalClusterCreate(BaseModel):
+    """The machine the control plane's workers run on."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: ClusterName
-    kind: ClusterKind
+    kind: Literal[ClusterKind.LOCAL]
+    settings: MonitorSettings = Field(default_factory=MonitorSettings)
+
+
+class KubernetesClusterCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ClusterName
+    kind: Literal[ClusterKind.KUBERNETES]
     credential_id: uuid.UUID | None = Field(
         default=None,
-        description="A tenant-wide `kubeconfig` credential (kubernetes). Leave empty for "
-        "`local`, or for `kubernetes` when the control plane runs inside the cluster "
-        "(in-cluster service account).",
+        description="A tenant-wide `kubeconfig` credential. Leave empty when the control "
+        "plane runs inside the cluster (in-cluster service account).",
     )
     namespace: Namespace | None = Field(
         default=None,
-        description="Kubernetes namespace the control plane creates and works in "
+        description="Namespace the control plane creates and works in "
         "(default `cp-<cluster id prefix>`).",
     )
     settings: MonitorSettings = Field(default_factory=MonitorSettings)
 
-    @model_validator(mode="after")
-    def _kind_fields(self) -> ClusterCreate:
-        if self.kind is ClusterKind.LOCAL and (self.credential_id or self.namespace):
-            raise ValueError("a local cluster takes neither credential_id nor namespace")
-        return self
+
+ClusterCreate = Annotated[LocalClusterCreate | KubernetesClusterCreate, Field(discriminator="kind")]
 
 
 class AcceleratorRead(BaseModel):

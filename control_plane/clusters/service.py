@@ -26,10 +26,11 @@ from control_plane.clusters.providers.kubernetes import server_url_of
 from control_plane.clusters.repository import SORTABLE, ClusterRepository
 from control_plane.clusters.schemas import (
     AcceleratorRead,
-    ClusterCreate,
     ClusterDetail,
     ClusterList,
     ClusterRead,
+    KubernetesClusterCreate,
+    LocalClusterCreate,
     NodeRead,
     RecommendationList,
     StatusEvent,
@@ -154,8 +155,10 @@ class ClusterService:
         authorize(principal, scope, tenant_id=row.tenant_id, what="cluster")
         return row
 
-    async def _server_url(self, principal: Principal, body: ClusterCreate) -> str:
-        if body.kind is ClusterKind.LOCAL:
+    async def _server_url(
+        self, principal: Principal, body: LocalClusterCreate | KubernetesClusterCreate
+    ) -> str:
+        if isinstance(body, LocalClusterCreate):
             return local_server_url()
         if body.credential_id is None:
             return IN_CLUSTER_SERVER
@@ -163,9 +166,8 @@ class ClusterService:
             principal.tenant_id, None, body.credential_id
         )
         if credential is None:
-            raise UnusableCredential(
-                "credential_id must name a tenant-wide credential of this tenant",
-                field="credential_id",
+            raise NotFound(
+                f"credential {body.credential_id} not found among the tenant-wide credentials"
             )
         if credential.provider != Provider.KUBECONFIG.value:
             raise UnusableCredential(
@@ -184,7 +186,9 @@ class ClusterService:
                 field="credential_id",
             ) from None
 
-    async def create(self, principal: Principal, body: ClusterCreate) -> ClusterRead:
+    async def create(
+        self, principal: Principal, body: LocalClusterCreate | KubernetesClusterCreate
+    ) -> ClusterRead:
         authorize(principal, "clusters:write", tenant_id=principal.tenant_id, what="cluster")
         if await self.repo.name_taken(principal.tenant_id, body.name):
             raise Conflict(f"a cluster named {body.name!r} already exists", name=body.name)
@@ -196,14 +200,19 @@ class ClusterService:
                 cluster_id=str(holder.id),
             )
         cluster_id = uuid.uuid4()
+        credential_id, namespace = (
+            (body.credential_id, body.namespace)
+            if isinstance(body, KubernetesClusterCreate)
+            else (None, None)
+        )
         row = Cluster(
             id=cluster_id,
             tenant_id=principal.tenant_id,
             name=body.name,
             kind=body.kind.value,
-            credential_id=body.credential_id,
+            credential_id=credential_id,
             server_url=server_url,
-            namespace=body.namespace or namespace_for(cluster_id),
+            namespace=namespace or namespace_for(cluster_id),
             status=ClusterStatus.ONBOARDING.value,
             settings=body.settings.model_dump(mode="json"),
             created_by=principal.user_id,
@@ -436,4 +445,6 @@ async def onboard_local_cluster(
         service = ClusterService(
             session, vault, client, queue_prefix=settings.temporal.task_queue_prefix
         )
-        return await service.create(principal, ClusterCreate(name="local", kind=ClusterKind.LOCAL))
+        return await service.create(
+            principal, LocalClusterCreate(name="local", kind=ClusterKind.LOCAL)
+        )

@@ -13,6 +13,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from workflows.contracts.common import Integer
+
 # Failure types the provider activities raise as non-retryable `ApplicationError`s.
 INVALID_CREDENTIAL = "InvalidClusterCredential"
 AUTH_FAILED = "ClusterAuthFailed"
@@ -47,11 +49,11 @@ class Platform(StrEnum):
 class MonitorSettings(BaseModel):
     """How a cluster is watched once onboarded (part of the cluster's settings)."""
 
-    interval_seconds: int = Field(default=60, ge=5, le=86_400)
+    interval_seconds: Integer = Field(default=60, ge=5, le=86_400)
     # Consecutive failed checks before the cluster is marked `unreachable`.
-    failure_threshold: int = Field(default=3, ge=1, le=100)
+    failure_threshold: Integer = Field(default=3, ge=1, le=100)
     # Attempts to reach the cluster while onboarding (exponential back-off between them).
-    connect_attempts: int = Field(default=5, ge=1, le=50)
+    connect_attempts: Integer = Field(default=5, ge=1, le=50)
 
 
 class ClusterTarget(BaseModel):

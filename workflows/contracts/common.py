@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from temporalio.common import SearchAttributeKey
 
 # Registered at start-up by API and workers; set on every workflow we start.
@@ -16,6 +17,17 @@ SA_RESOURCE_ID = SearchAttributeKey.for_keyword("CpResourceId")
 SEARCH_ATTRIBUTE_KEYS = (SA_PROJECT_ID, SA_RESOURCE_KIND, SA_RESOURCE_ID)
 
 PROGRESS_QUERY = "progress"
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+# An integer as JSON Schema means it: `50.0` passes, `true` does not (pydantic's lax
+# mode would read it as 1).
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class StepStatus(StrEnum):

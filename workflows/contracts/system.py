@@ -6,13 +6,14 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from workflows.contracts.common import Integer
 from workflows.queues import ALL_QUEUES, Queue
 
 
 class DiagnoseRequest(BaseModel):
     queues: list[Queue] = Field(default_factory=lambda: list(ALL_QUEUES), min_length=1)
     # How long to wait for a worker of each pool to pick up the ping.
-    timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    timeout_seconds: Integer = Field(default=30, ge=1, le=3600)
 
 
 class PingRequest(BaseModel):
