@@ -262,6 +262,23 @@ class TestRunningStack:
         assert "password" not in (stack.data_dir / "logs" / "migrations.log").read_text()
 
     @pytest.mark.timeout(300)
+    def test_this_machine_is_onboarded_as_the_local_cluster(self, stack: DevStack) -> None:
+        assert "local cluster: onboarding local" in stack.output()
+        headers = stack.login()
+
+        def available() -> dict[str, Any] | None:
+            response = httpx.get(f"{stack.api_url}/api/v1/clusters", headers=headers, timeout=10)
+            items: list[dict[str, Any]] = response.json()["items"]
+            return items[0] if items and items[0]["status"] == "available" else None
+
+        cluster = wait_for(available, 90, "the local cluster did not become available", stack)
+        assert cluster["name"] == "local"
+        assert cluster["kind"] == "local"
+        assert cluster["capacity"]["cpu_cores"] == psutil.cpu_count()
+        total_mb = psutil.virtual_memory().total // (1024 * 1024)
+        assert abs(cluster["capacity"]["memory_mb"] - total_mb) <= 1
+
+    @pytest.mark.timeout(300)
     def test_temporal_ui_answers(self, stack: DevStack) -> None:
         response = httpx.get(stack.state()["urls"]["temporal_ui"], timeout=10)
         assert response.status_code == 200
@@ -357,8 +374,12 @@ class TestLifecycle:
             self._stop_cleanly(dev)
 
             dev.start()
-            # The one-time password is shown on the first start only.
+            # The one-time password is shown on the first start only, and the local
+            # cluster is onboarded once.
             assert "bootstrap admin:" not in dev.output()
+            assert "nothing to onboard" in dev.output()
+            clusters = httpx.get(f"{dev.api_url}/api/v1/clusters", headers=headers, timeout=10)
+            assert [c["name"] for c in clusters.json()["items"]] == ["local"]
             response = httpx.get(
                 f"{dev.api_url}/api/v1/workflows/{workflow_id}", headers=headers, timeout=10
             )
