@@ -74,8 +74,6 @@ DB_RETRY = RetryPolicy(
 )
 # Statuses a late write from onboarding or the monitor must not overwrite.
 BEING_DELETED = [ClusterStatus.DELETING, ClusterStatus.DELETED]
-# Checks per run before continue-as-new keeps the history bounded.
-CHECKS_PER_RUN = 200
 
 
 def cluster_resource(target: ClusterTarget) -> ResourceRef:
@@ -339,7 +337,7 @@ class MonitorCluster(ClusterWorkflow):
         tracker.start("watch", f"every {settings.interval_seconds}s")
         await self.record()
         gone = False
-        for _ in range(CHECKS_PER_RUN):
+        for _ in range(request.checks_per_run):
             self._refresh = False
             report = await self._check(target)
             new_status, failures, reason = next_status(

@@ -74,6 +74,25 @@ async def create_cluster(
     return await api.post("/api/v1/clusters", json=body)
 
 
+def hold_after_namespace_created(
+    kube: KubeApiServer,
+) -> tuple[threading.Event, threading.Event]:
+    """The first namespace creation happens, then its answer waits for `release`."""
+    created = threading.Event()
+    release = threading.Event()
+    original = kube._create_namespace
+
+    def create_then_hold(body: Any) -> Any:
+        answer = original(body)
+        if not created.is_set():
+            created.set()
+            release.wait(30)
+        return answer
+
+    kube._create_namespace = create_then_hold  # type: ignore[method-assign]
+    return created, release
+
+
 def version_calls(kube: KubeApiServer) -> int:
     return sum(1 for r in kube.requests if r.method == "GET" and r.path.rstrip("/") == "/version")
 
@@ -192,6 +211,28 @@ class TestKubernetesOnboarding:
         assert again.status_code == 202, again.text
         await wait_for_cluster(api, again.json()["id"], "available")
 
+    async def test_cancelling_after_prepare_removes_the_namespace(
+        self, api: httpx.AsyncClient, start_workers: StartWorkers, kube_api: KubeApiServer
+    ) -> None:
+        with_nodes(kube_api)
+        created, release = hold_after_namespace_created(kube_api)
+        await start_workers(ALL_QUEUES)
+        credential = await store_kubeconfig(api, kube_api.kubeconfig())
+        cluster = (await create_cluster(api, credential)).json()
+        try:
+            assert await asyncio.to_thread(created.wait, 30)
+            assert cluster["namespace"] in kube_api.namespaces
+            response = await api.post(f"/api/v1/workflows/{cluster['workflow_id']}/cancel")
+            assert response.status_code == 202, response.text
+        finally:
+            release.set()
+        await wait_for_status(api, cluster["workflow_id"], "cancelled")
+        listed = (await api.get("/api/v1/clusters", params={"include_deleted": True})).json()
+        [row] = listed["items"]
+        assert row["status"] == "deleted"
+        assert f"removed namespace/{cluster['namespace']}" in row["status_reason"]
+        assert cluster["namespace"] not in kube_api.namespaces
+
     async def test_delete_removes_the_namespace(
         self, api: httpx.AsyncClient, start_workers: StartWorkers, kube_api: KubeApiServer
     ) -> None:
@@ -263,18 +304,7 @@ class TestWorkerCrash:
         stand-in has created it and holds the answer). A new worker picks the work up:
         the workflow completes with one cluster row and one namespace."""
         with_nodes(kube_api)
-        created = threading.Event()
-        release = threading.Event()
-        original = kube_api._create_namespace
-
-        def create_then_hold(body: Any) -> Any:
-            answer = original(body)
-            if not created.is_set():
-                created.set()
-                release.wait(30)
-            return answer
-
-        kube_api._create_namespace = create_then_hold  # type: ignore[method-assign]
+        created, release = hold_after_namespace_created(kube_api)
         credential = await store_kubeconfig(api, kube_api.kubeconfig())
         first = await spawn_worker(settings)
         second = None

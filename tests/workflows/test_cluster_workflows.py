@@ -184,6 +184,31 @@ class TestMonitorTransitions:
         result = await handle.result()
         assert result["checks"] == 5
 
+    async def test_continues_as_new_carrying_its_state(self, stack: Stack) -> None:
+        row = await stack.cluster(
+            name="long", kind="local", server_url="local://long", status="available"
+        )
+        target = ClusterTarget(cluster_id=row.id, tenant_id=stack.tenant_id, kind=ClusterKind.LOCAL)
+        handle = await stack.env.client.start_workflow(
+            "MonitorCluster",
+            MonitorClusterRequest(
+                cluster=target, monitor=MonitorSettings(interval_seconds=5), checks_per_run=2
+            ),
+            id=f"cluster-monitor-{row.id}",
+            task_queue=task_queue(Queue.ORCHESTRATION, stack.prefix),
+            memo={QUEUE_PREFIX_MEMO: stack.prefix},
+        )
+        first_run = (await handle.describe()).run_id
+        for _ in range(3):
+            await stack.env.sleep(timedelta(seconds=6))
+        latest = stack.env.client.get_workflow_handle(handle.id)
+        assert (await latest.describe()).run_id != first_run
+        await latest.signal(STOP_SIGNAL)
+        result = await latest.result()
+        # Checks are counted across runs.
+        assert result["checks"] >= 3
+        assert result["status"] == "available"
+
     async def test_a_deleted_cluster_ends_its_monitor(self, stack: Stack) -> None:
         row = await stack.cluster(
             name="gone", kind="local", server_url="local://gone", status="deleting"

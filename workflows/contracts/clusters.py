@@ -134,6 +134,8 @@ class MonitorClusterRequest(BaseModel):
     status: ClusterStatus = ClusterStatus.AVAILABLE
     consecutive_failures: int = 0
     checks: int = 0
+    # Checks per run before continue-as-new keeps the history bounded.
+    checks_per_run: Integer = Field(default=200, ge=1)
 
 
 class MonitorClusterResult(BaseModel):
