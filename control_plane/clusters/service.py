@@ -155,6 +155,23 @@ class ClusterService:
         authorize(principal, scope, tenant_id=row.tenant_id, what="cluster")
         return row
 
+    async def _audit(
+        self,
+        principal: Principal,
+        action: str,
+        row: Cluster,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        await audit.record(
+            self.session,
+            actor=principal,
+            action=action,
+            resource_kind=RESOURCE_KIND,
+            resource_id=row.id,
+            tenant_id=row.tenant_id,
+            details=details,
+        )
+
     async def _server_url(
         self, principal: Principal, body: LocalClusterCreate | KubernetesClusterCreate
     ) -> str:
@@ -222,14 +239,11 @@ class ClusterService:
             ClusterEvent(cluster_id=row.id, status=row.status, reason="onboarding started")
         )
         await self.repo.flush()
-        await audit.record(
-            self.session,
-            actor=principal,
-            action="cluster.create",
-            resource_kind=RESOURCE_KIND,
-            resource_id=row.id,
-            tenant_id=row.tenant_id,
-            details={"name": row.name, "kind": row.kind, "server_url": server_url},
+        await self._audit(
+            principal,
+            "cluster.create",
+            row,
+            {"name": row.name, "kind": row.kind, "server_url": server_url},
         )
         request = OnboardClusterRequest(cluster=target_of(row), monitor=body.settings)
         after_commit(
@@ -353,14 +367,7 @@ class ClusterService:
                     f"cluster {row.name!r} has no running monitor", workflow_id=workflow_id
                 ) from err
             raise temporal.rpc_error(err) from err
-        await audit.record(
-            self.session,
-            actor=principal,
-            action="cluster.refresh",
-            resource_kind=RESOURCE_KIND,
-            resource_id=row.id,
-            tenant_id=row.tenant_id,
-        )
+        await self._audit(principal, "cluster.refresh", row)
         return ClusterRead.of(row, workflow_id=workflow_id)
 
     async def delete(
@@ -380,15 +387,7 @@ class ClusterService:
             return ClusterRead.of(row, workflow_id=workflow_id)
         self.repo.set_status(row, ClusterStatus.DELETING, "deletion requested")
         await self.repo.flush()
-        await audit.record(
-            self.session,
-            actor=principal,
-            action="cluster.delete",
-            resource_kind=RESOURCE_KIND,
-            resource_id=row.id,
-            tenant_id=row.tenant_id,
-            details={"name": row.name, "force": force},
-        )
+        await self._audit(principal, "cluster.delete", row, {"name": row.name, "force": force})
         request = DeleteClusterRequest(cluster=target_of(row), force=force)
         after_commit(
             self.session,
