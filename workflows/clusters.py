@@ -187,10 +187,11 @@ class OnboardCluster(ClusterWorkflow):
     async def run(self, request: OnboardClusterRequest) -> OnboardClusterResult:
         target = request.cluster
         tracker = self.track(ONBOARD_STEPS, cluster_resource(target))
-        await self.record()
         prepared = False
         step = ONBOARD_STEPS[0]
+        # Cancellation can land on any await, the first bookkeeping call included.
         try:
+            await self.record()
             tracker.start(step)
             detail = await self._cluster_call("validate_cluster_credential", target, str)
             tracker.finish(step, StepStatus.COMPLETED, detail)
@@ -410,8 +411,8 @@ class DeleteCluster(ClusterWorkflow):
     async def run(self, request: DeleteClusterRequest) -> DeleteClusterResult:
         target = request.cluster
         tracker = self.track(DELETE_STEPS, cluster_resource(target))
-        await self.record()
         try:
+            await self.record()
             tracker.start("stop monitor")
             detail = await self._stop_monitor(target)
             tracker.finish("stop monitor", StepStatus.COMPLETED, detail)

@@ -8,6 +8,9 @@ with the reason and the caller gets a 503.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import socket
 import uuid
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from control_plane.audit import service as audit
@@ -71,6 +74,8 @@ RESOURCE_KIND = "cluster"
 ONBOARD_WORKFLOW = "OnboardCluster"
 DELETE_WORKFLOW = "DeleteCluster"
 IN_CLUSTER_SERVER = "https://kubernetes.default.svc"
+# How long a new delete waits for the previous run of the same id to close.
+PREVIOUS_RUN_GRACE_SECONDS = 30
 MONITORED = (ClusterStatus.AVAILABLE, ClusterStatus.DEGRADED, ClusterStatus.UNREACHABLE)
 
 
@@ -266,15 +271,7 @@ class ClusterService:
         row = await repo.get(cluster_id)
         assert row is not None
         try:
-            handle = await temporal.start_workflow(
-                self.client,
-                workflow,
-                payload,
-                workflow_id=workflow_id,
-                resource=resource_of(row),
-                queue_prefix=self.queue_prefix,
-                ensure=True,
-            )
+            handle = await self._start_after_previous(workflow, payload, workflow_id, row)
             await WorkflowRunService(session, self.client).record_started(
                 handle, workflow, resource_of(row)
             )
@@ -283,6 +280,35 @@ class ClusterService:
             log.warning("clusters.workflow.start_failed", workflow_id=workflow_id, error=message)
             repo.set_status(row, ClusterStatus.FAILED, f"could not start {workflow}: {message}")
             raise
+
+    async def _start_after_previous(
+        self, workflow: str, payload: Any, workflow_id: str, row: Cluster
+    ) -> WorkflowHandle[Any, Any]:
+        """Start the workflow; a run with this id that is still open has already written
+        its outcome (the row left the state it works in), so let it close first rather
+        than attach to it."""
+        start = functools.partial(
+            temporal.start_workflow,
+            self.client,
+            workflow,
+            payload,
+            workflow_id=workflow_id,
+            resource=resource_of(row),
+            queue_prefix=self.queue_prefix,
+        )
+        try:
+            return await start()
+        except Conflict:
+            previous = self.client.get_workflow_handle(workflow_id)
+            try:
+                with contextlib.suppress(WorkflowFailureError):
+                    await asyncio.wait_for(previous.result(), PREVIOUS_RUN_GRACE_SECONDS)
+            except TimeoutError:
+                raise Conflict(
+                    f"{workflow_id} is still running; try again once it has finished",
+                    workflow_id=workflow_id,
+                ) from None
+            return await start()
 
     async def list(
         self,
