@@ -21,6 +21,7 @@ from api.routes import (
     clusters,
     credentials,
     health,
+    models,
     projects,
     system,
     temporal_codec,
@@ -162,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(credentials.router)
     app.include_router(clusters.router)
+    app.include_router(models.router)
     app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()

@@ -184,6 +184,44 @@ def audit_verify() -> None:
     raise typer.Exit(1)
 
 
+models_app = typer.Typer(help="AI models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("scan")
+def models_scan(
+    path: Annotated[Path, typer.Argument(help="A model file or directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ScanReport as JSON.")] = False,
+) -> None:
+    """Scan model files for code that would run when loaded (nothing is loaded).
+
+    Exit 0 when clean, 1 on findings (suspicious or malicious), 2 when the path cannot
+    be read.
+    """
+    from control_plane.models.scanner import scan_path
+    from control_plane.models.scanner.scan import severity_rank
+    from workflows.contracts.models import Verdict
+
+    try:
+        report = scan_path(path)
+    except OSError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        typer.echo(
+            f"{report.scanner} {report.version}: {report.verdict.value.upper()}"
+            f" ({report.files_scanned} files, {report.bytes_scanned / 1024**2:.1f} MiB)"
+        )
+        ordered = sorted(report.findings, key=lambda f: -severity_rank(f.severity))
+        for finding in ordered:
+            typer.echo(
+                f"  {finding.severity.value:<8} {finding.file}  {finding.code}: {finding.detail}"
+            )
+    raise typer.Exit(0 if report.verdict is Verdict.CLEAN else 1)
+
+
 @app.command()
 def diagnose(
     timeout: Annotated[int, typer.Option(help="Seconds to wait for each pool.")] = 15,

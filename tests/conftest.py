@@ -3,6 +3,7 @@ pytest_plugins = [
     "tests.fixtures.identity",
     "tests.fixtures.stack",
     "tests.fixtures.s3",
+    "tests.fixtures.hf",
     "tests.fixtures.oidc",
     "tests.fixtures.kube",
 ]

@@ -24,7 +24,9 @@ from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings, WorkerSettings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import get_logger
+from control_plane.core.storage import create_object_store
 from control_plane.credentials.crypto import load_vault
+from control_plane.models.schedules import ensure_model_schedules
 from workers.registry import POOLS, WorkerResources
 from workflows.queues import Queue, task_queue
 
@@ -96,11 +98,22 @@ async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
     if settings.temporal.register_search_attributes:
         await temporal.ensure_search_attributes(client)
     engine = create_engine(settings.database)
+    objects = create_object_store(settings)
+    await objects.ensure_ready()
     resources = WorkerResources(
         sessions=create_sessionmaker(engine),
         vault=load_vault(settings),
         data_dir=settings.data_dir,
+        objects=objects,
+        models=settings.models,
     )
+    if Queue.ORCHESTRATION in queues:
+        await ensure_model_schedules(
+            client,
+            settings.temporal.task_queue_prefix,
+            sync_every=timedelta(hours=settings.models.catalog_sync_hours),
+            rescan_every=timedelta(hours=settings.models.rescan_hours),
+        )
     workers = build_workers(
         client,
         resources,
@@ -122,6 +135,7 @@ async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
     results = await asyncio.gather(*runs, return_exceptions=True)
     stopped.cancel()
     await engine.dispose()
+    await objects.close()
     log.info("workers.stopped", queues=names)
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures and not stop.is_set():

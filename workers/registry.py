@@ -16,9 +16,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities.bookkeeping import BookkeepingActivities
 from activities.clusters import ClusterActivities
+from activities.models import ModelActivities
 from activities.system import SystemActivities
+from control_plane.core.config import ModelSettings
+from control_plane.core.storage import ObjectStore
 from control_plane.credentials.crypto import Vault
 from workflows.clusters import DeleteCluster, MonitorCluster, OnboardCluster
+from workflows.models import OnboardModel, RescanModels, SyncCloudModels
 from workflows.queues import Queue
 from workflows.system import DiagnoseSystem
 
@@ -31,8 +35,19 @@ class WorkerResources:
     vault: Vault
     # Where the `local` provider keeps per-cluster working files.
     data_dir: Path
+    objects: ObjectStore
+    models: ModelSettings
     # The NVIDIA tool the `local` provider asks for GPUs (absent: no GPUs).
     nvidia_smi: str = "nvidia-smi"
+
+    def model_activities(self) -> ModelActivities:
+        return ModelActivities(
+            self.sessions,
+            self.vault,
+            self.objects,
+            self.models,
+            staging_dir=self.models.staging_dir or (self.data_dir / "staging"),
+        )
 
     def clusters(self) -> ClusterActivities:
         return ClusterActivities(
@@ -59,12 +74,35 @@ def _system(_: WorkerResources) -> list[Callable[..., Any]]:
 
 def _orchestration(resources: WorkerResources) -> list[Callable[..., Any]]:
     clusters = resources.clusters()
+    models = resources.model_activities()
     return [
         BookkeepingActivities(resources.sessions).record_workflow_run,
         clusters.set_cluster_status,
         clusters.save_cluster_inventory,
+        models.set_model_status,
+        models.decide_model_license,
+        models.record_license_review,
+        models.models_to_rescan,
+        models.apply_scan_verdict,
+        models.catalog_tenants,
         *_system(resources),
     ]
+
+
+def _model(resources: WorkerResources) -> list[Callable[..., Any]]:
+    models = resources.model_activities()
+    return [
+        models.resolve_model,
+        models.download_model,
+        models.scan_model,
+        models.extract_model_metadata,
+        models.discard_model_artifacts,
+        *_system(resources),
+    ]
+
+
+def _sync(resources: WorkerResources) -> list[Callable[..., Any]]:
+    return [resources.model_activities().sync_tenant_catalog, *_system(resources)]
 
 
 def _cluster(resources: WorkerResources) -> list[Callable[..., Any]]:
@@ -84,7 +122,15 @@ def _cluster(resources: WorkerResources) -> list[Callable[..., Any]]:
 POOLS: dict[Queue, PoolSpec] = {
     Queue.ORCHESTRATION: PoolSpec(
         Queue.ORCHESTRATION,
-        workflows=[DiagnoseSystem, OnboardCluster, MonitorCluster, DeleteCluster],
+        workflows=[
+            DiagnoseSystem,
+            OnboardCluster,
+            MonitorCluster,
+            DeleteCluster,
+            OnboardModel,
+            RescanModels,
+            SyncCloudModels,
+        ],
         activities=_orchestration,
         description="all workflows; DB bookkeeping activities",
     ),
@@ -93,7 +139,7 @@ POOLS: dict[Queue, PoolSpec] = {
     ),
     Queue.MODEL: PoolSpec(
         Queue.MODEL,
-        activities=_system,
+        activities=_model,
         max_concurrent_activities=4,
         description="download, hash, scan, license, metadata",
     ),
@@ -106,5 +152,5 @@ POOLS: dict[Queue, PoolSpec] = {
         max_concurrent_activities=2,
         description="load generation, one run per worker",
     ),
-    Queue.SYNC: PoolSpec(Queue.SYNC, activities=_system, description="cloud catalog sync"),
+    Queue.SYNC: PoolSpec(Queue.SYNC, activities=_sync, description="cloud catalog sync"),
 }

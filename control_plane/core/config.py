@@ -147,6 +147,21 @@ class WorkerSettings(BaseModel):
     max_concurrent_activities: int = Field(default=50, ge=1)
 
 
+class ModelSettings(BaseModel):
+    # A Hugging Face mirror; empty: huggingface_hub's default (which honours HF_ENDPOINT).
+    hf_endpoint: str | None = None
+    # Partial downloads live here until complete (default `<data_dir>/staging`); a
+    # worker restarted on the same machine resumes from them.
+    staging_dir: Path | None = None
+    catalog_sync_hours: float = Field(default=24.0, gt=0)
+    rescan_hours: float = Field(default=24.0, gt=0)
+    # Also run `modelscan` (when installed) and merge its findings.
+    merge_modelscan: bool = False
+    # Directories `local` model sources may read from (on the model workers). Empty:
+    # local sources are refused, so a tenant cannot read the workers' own files.
+    local_roots: list[Path] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CP_",
@@ -173,6 +188,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     dev: DevSettings = DevSettings()
     worker: WorkerSettings = WorkerSettings()
+    models: ModelSettings = ModelSettings()
 
     @model_validator(mode="after")
     def _production_needs_real_values(self) -> Settings:

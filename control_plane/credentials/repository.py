@@ -48,6 +48,22 @@ class CredentialRepository:
             query = query.with_for_update()
         return (await self.session.exec(query.execution_options(populate_existing=True))).first()
 
+    async def first_live(
+        self, tenant_id: uuid.UUID, project_id: uuid.UUID | None, provider: str
+    ) -> Credential | None:
+        """The oldest live credential of `provider` in exactly this scope."""
+        query = (
+            select(Credential)
+            .where(
+                Credential.tenant_id == tenant_id,
+                col(Credential.project_id).is_not_distinct_from(project_id),
+                Credential.provider == provider,
+                Credential.status != CredentialStatus.DELETED.value,
+            )
+            .order_by(col(Credential.created_at), col(Credential.id))
+        )
+        return (await self.session.exec(query.limit(1))).first()
+
     async def name_taken(
         self,
         tenant_id: uuid.UUID,

@@ -23,6 +23,7 @@ from control_plane.clusters.tables import Cluster
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine, create_sessionmaker, session_scope
 from control_plane.identity.tables import ProjectRole
+from control_plane.models.tables import Model
 from control_plane.workflow_runs.repository import WorkflowRunRepository
 from tests.fixtures.identity import Actor, IdentityFactory
 from workflows.contracts.common import Progress, ResourceRef, RunRecord, RunStatus
@@ -32,6 +33,8 @@ WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
 # Tenant-owned resources every user of the tenant reads and only tenant admins write.
 TENANT_READABLE = ("/api/v1/clusters/",)
+# Resources of a project addressed by their own id (the world's model is a project's).
+PROJECT_OWNED = ("/api/v1/models/",)
 
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
@@ -59,6 +62,10 @@ BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("DELETE", "/api/v1/credentials/{credential_id}"): None,
     ("POST", "/api/v1/clusters/{cluster_id}/refresh"): None,
     ("DELETE", "/api/v1/clusters/{cluster_id}"): None,
+    ("DELETE", "/api/v1/models/{model_id}"): None,
+    ("POST", "/api/v1/models/{model_id}/rescan"): None,
+    ("POST", "/api/v1/models/{model_id}/license/approve"): {"reason": "ok"},
+    ("POST", "/api/v1/models/{model_id}/license/reject"): {"reason": "no"},
 }
 
 
@@ -132,6 +139,15 @@ async def build_world(
                 status="available",
             )
             session.add(cluster)
+            model = Model(
+                tenant_id=tenant.id,
+                project_id=project.id,
+                name="isolated",
+                source_kind="local",
+                source_ref="/models/isolated",
+                status="ready",
+            )
+            session.add(model)
     finally:
         await engine.dispose()
     params = {
@@ -141,6 +157,7 @@ async def build_world(
         "key_id": key.json()["id"],
         "workflow_id": workflow_id,
         "cluster_id": str(cluster.id),
+        "model_id": str(model.id),
     }
     if credential.status_code == 201:
         params["credential_id"] = credential.json()["id"]
@@ -181,7 +198,9 @@ async def test_route_isolation(
     world = await build_world(anonymous_api, identities, settings)
     if "{credential_id}" in path and "credential_id" not in world.params:
         pytest.fail("credentials could not be created for the world")
-    tenant_wide = not path.startswith("/api/v1/projects/") and "{workflow_id}" not in path
+    tenant_wide = (
+        not path.startswith(("/api/v1/projects/", *PROJECT_OWNED)) and "{workflow_id}" not in path
+    )
 
     outsider = await call(anonymous_api, world.outsider, method, path, world)
     assert outsider.status_code == 404, f"other tenant: {outsider.status_code} {outsider.text}"

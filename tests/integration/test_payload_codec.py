@@ -22,6 +22,7 @@ from control_plane.core import temporal
 from control_plane.core.codec import generate_key, payload_codec
 from control_plane.core.config import CodecSettings, Settings
 from control_plane.core.db import create_engine, create_sessionmaker
+from control_plane.core.storage import FileObjectStore
 from control_plane.credentials.crypto import load_vault
 from tests.fixtures.identity import Actor, IdentityFactory
 from tests.fixtures.stack import ApiServer
@@ -59,6 +60,8 @@ async def diagnosed(settings: Settings, codec_client: Client) -> AsyncIterator[s
             sessions=create_sessionmaker(engine),
             vault=load_vault(settings),
             data_dir=settings.data_dir,
+            objects=FileObjectStore(settings.objects_dir),
+            models=settings.models,
         ),
         ALL_QUEUES,
         prefix=settings.temporal.task_queue_prefix,

@@ -25,6 +25,7 @@ from temporalio.worker import Replayer, Worker
 from control_plane.clusters.tables import Cluster
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine, create_sessionmaker, session_scope
+from control_plane.core.storage import FileObjectStore
 from control_plane.core.temporal import data_converter
 from control_plane.credentials.crypto import load_vault
 from control_plane.credentials.schemas import CredentialCreate
@@ -97,7 +98,11 @@ async def stack(
     tenant = await identities.tenant()
     admin = await identities.user(tenant, admin=True)
     resources = WorkerResources(
-        sessions=sessions, vault=load_vault(settings), data_dir=settings.data_dir
+        sessions=sessions,
+        vault=load_vault(settings),
+        data_dir=settings.data_dir,
+        objects=FileObjectStore(settings.objects_dir),
+        models=settings.models,
     )
     workers: list[Worker] = build_workers(
         time_skipping_env.client, resources, [Queue.ORCHESTRATION, Queue.CLUSTER], prefix=prefix

@@ -154,3 +154,124 @@ class ModelRef(BaseModel):
     model_id: uuid.UUID
     tenant_id: uuid.UUID
     project_id: uuid.UUID | None = None
+
+
+DOWNLOAD_PROGRESS_SIGNAL = "download_progress"
+CATALOG_SYNC_SCHEDULE = "cloud-model-sync"
+RESCAN_SCHEDULE = "model-rescan"
+
+
+class OnboardModelRequest(BaseModel):
+    model: ModelRef
+    source_kind: SourceKind
+    # How long a model may wait for a license decision before onboarding gives up.
+    approval_timeout_days: Integer = Field(default=30, ge=1, le=365)
+
+
+class ResolvedModel(BaseModel):
+    revision: str | None = None
+    files: list[SourceFile] = Field(default_factory=list)
+    total_bytes: int = 0
+    license: LicenseInfo = Field(default_factory=LicenseInfo)
+
+
+class LicenseCheck(BaseModel):
+    model: ModelRef
+    license: LicenseInfo
+
+
+class TenantList(BaseModel):
+    tenant_ids: list[uuid.UUID] = Field(default_factory=list)
+
+
+class LicenseVerdict(BaseModel):
+    decision: LicenseDecision
+    spdx_id: str
+    reason: str = ""
+
+
+class LicenseOutcome(BaseModel):
+    """What the workflow records once a reviewer decided."""
+
+    model_id: uuid.UUID
+    decision: LicenseDecision
+    review: LicenseReview
+
+
+class DownloadRequest(BaseModel):
+    model: ModelRef
+    files: list[SourceFile]
+
+
+class DownloadResult(BaseModel):
+    files: int
+    bytes_total: int
+    bytes_fetched: int
+    files_reused: int = 0
+
+
+class DownloadProgressUpdate(BaseModel):
+    """Signalled by the download activity so the `progress` query shows bytes and files."""
+
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    current_file: str | None = None
+
+
+class ModelStatusChange(BaseModel):
+    model_id: uuid.UUID
+    status: ModelStatus
+    reason: str = ""
+    unless_in: list[ModelStatus] = Field(default_factory=list)
+
+
+class OnboardModelResult(BaseModel):
+    status: ModelStatus
+    reason: str = ""
+
+
+class RescanRequest(BaseModel):
+    # Empty: every model whose latest scan was made by another scanner version.
+    model_ids: list[uuid.UUID] = Field(default_factory=list)
+    force: bool = False
+
+
+class RescanTarget(BaseModel):
+    model_id: uuid.UUID
+    tenant_id: uuid.UUID
+
+
+class RescanPlan(BaseModel):
+    scanner_version: str
+    targets: list[RescanTarget] = Field(default_factory=list)
+
+
+class RescanResult(BaseModel):
+    scanner_version: str
+    rescanned: int
+    quarantined: int
+    released: int
+
+
+class CatalogSyncRequest(BaseModel):
+    # Empty: every tenant.
+    tenant_ids: list[uuid.UUID] = Field(default_factory=list)
+
+
+class CatalogSyncResult(BaseModel):
+    tenants: int = 0
+    added: int = 0
+    updated: int = 0
+    deprecated: int = 0
+    providers_checked: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+
+
+def onboard_model_workflow_id(model_id: uuid.UUID) -> str:
+    return f"model-onboard-{model_id}"
+
+
+def rescan_workflow_id(model_id: uuid.UUID) -> str:
+    return f"model-rescan-{model_id}"
