@@ -554,7 +554,7 @@ class ModelActivities:
                     tenant_id=tenant_id, provider=entry.provider, model_id=entry.model_id
                 )
                 _fill(row, entry)
-                row.status = "available"
+                row.status = "deprecated" if entry.deprecated else "available"
                 row.origin = entry.origin
                 row.last_seen_at = now
                 session.add(row)

@@ -50,7 +50,7 @@ from workflows.contracts.clusters import (
     OnboardClusterRequest,
     Platform,
 )
-from workflows.queues import QUEUE_PREFIX_MEMO, Queue, task_queue
+from workflows.queues import ALL_QUEUES, QUEUE_PREFIX_MEMO, Queue, task_queue
 
 HISTORIES = Path(__file__).parent / "histories"
 ORCHESTRATION_WORKFLOWS = list(POOLS[Queue.ORCHESTRATION].workflows)
@@ -105,7 +105,7 @@ async def stack(
         models=settings.models,
     )
     workers: list[Worker] = build_workers(
-        time_skipping_env.client, resources, [Queue.ORCHESTRATION, Queue.CLUSTER], prefix=prefix
+        time_skipping_env.client, resources, ALL_QUEUES, prefix=prefix
     )
     tasks = [asyncio.create_task(w.run()) for w in workers]
     try:
