@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import pickle
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,20 @@ import numpy as np
 import pytest
 from minio import Minio
 from safetensors.numpy import save
+from sqlalchemy import update
+from temporalio.client import Client
 
 from control_plane.core.config import Settings
+from control_plane.core.db import create_engine, create_sessionmaker, session_scope
 from control_plane.core.storage import FileObjectStore
+from control_plane.models.tables import ScanReport
 from tests.e2e.test_temporal_cli import temporal_cli
 from tests.fixtures.hf import HubServer
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.stack import StartWorkers
 from tests.integration.test_workflow_runs import wait_for_status
-from workflows.queues import ALL_QUEUES
+from workflows.contracts.models import RescanRequest, RescanResult
+from workflows.queues import ALL_QUEUES, QUEUE_PREFIX_MEMO, Queue, task_queue
 
 APACHE_CARD = {"license": "apache-2.0", "pipeline_tag": "text-generation"}
 
@@ -414,3 +420,61 @@ class TestCancellation:
 @pytest.fixture(autouse=True)
 def _staging_in_tmp(settings: Settings, tmp_path: Path) -> None:
     settings.models.staging_dir = tmp_path / "staging"
+
+
+class TestRescan:
+    async def test_tampered_storage_is_quarantined_on_rescan(
+        self,
+        api: httpx.AsyncClient,
+        start_workers: StartWorkers,
+        hf_server: HubServer,
+        settings: Settings,
+    ) -> None:
+        settings.models.hf_endpoint = hf_server.url
+        benign = pickle.dumps({"layer": [1.0, 2.0]})
+        hf_server.add_repo("acme/pkl", {**tiny_llama(), "extra.pkl": benign}, card=APACHE_CARD)
+        await start_workers(ALL_QUEUES)
+        created = await onboard(api, name="pkl", source_kind="huggingface", source_ref="acme/pkl")
+        body = await wait_for_model(api, created["id"], "ready")
+        key = next(a["object_key"] for a in body["artifacts"] if a["path"] == "extra.pkl")
+        FileObjectStore(settings.objects_dir).path_for(key).write_bytes(pickle.dumps(_Os()))
+
+        response = await api.post(f"/api/v1/models/{created['id']}/rescan")
+        assert response.status_code == 202, response.text
+        assert response.json()["workflow_id"] == f"model-rescan-{created['id']}"
+        body = await wait_for_model(api, created["id"], "quarantined")
+        assert body["scan"]["verdict"] == "malicious"
+
+    async def test_a_new_scanner_version_rescans_older_reports(
+        self,
+        api: httpx.AsyncClient,
+        start_workers: StartWorkers,
+        hf_server: HubServer,
+        settings: Settings,
+        temporal_client: Client,
+    ) -> None:
+        settings.models.hf_endpoint = hf_server.url
+        hf_server.add_repo("acme/tiny-llama", tiny_llama(), card=APACHE_CARD)
+        await start_workers(ALL_QUEUES)
+        created = await onboard(
+            api, name="tiny", source_kind="huggingface", source_ref="acme/tiny-llama"
+        )
+        await wait_for_model(api, created["id"], "ready")
+        engine = create_engine(settings.database)
+        try:
+            async with session_scope(create_sessionmaker(engine)) as session:
+                await session.exec(update(ScanReport).values(version="0.0.0"))
+        finally:
+            await engine.dispose()
+        result = await temporal_client.execute_workflow(
+            "RescanModels",
+            RescanRequest(),
+            id=f"model-rescan-all-{uuid.uuid4()}",
+            task_queue=task_queue(Queue.ORCHESTRATION, settings.temporal.task_queue_prefix),
+            memo={QUEUE_PREFIX_MEMO: settings.temporal.task_queue_prefix},
+            result_type=RescanResult,
+        )
+        assert result.rescanned == 1
+        body = (await api.get(f"/api/v1/models/{created['id']}")).json()
+        assert body["scan"]["version"] == result.scanner_version != "0.0.0"
+        assert body["status"] == "ready"
