@@ -188,7 +188,10 @@ class TestSafetensors:
             assert code in {f.code for f in findings}, (path.name, findings)
 
     def test_header_reader(self, tmp_path: Path) -> None:
-        arrays = {"w": np.ones((2, 3), np.float32), "b": np.zeros(7, np.int8)}
+        arrays: dict[str, np.ndarray] = {
+            "w": np.ones((2, 3), np.float32),
+            "b": np.zeros(7, np.int8),
+        }
         path = write_safetensors(tmp_path / "m.safetensors", arrays, {"format": "pt"})
         with path.open("rb") as handle:
             tensors, metadata = read_safetensors_header(handle)

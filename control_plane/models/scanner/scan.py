@@ -268,7 +268,7 @@ class _Scan:
     def _zip(self, name: str, reader: Reader, depth: int) -> None:
         try:
             archive = zipfile.ZipFile(cast(IO[bytes], reader))
-        except _ZIP_ERRORS as err:
+        except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as err:
             self.add(Severity.MEDIUM, name, "archive.malformed", f"not a readable zip: {err}")
             return
         with archive:
@@ -283,7 +283,7 @@ class _Scan:
                 return
             storages = _storage_prefixes(info.filename for info in infos)
             for info in infos:
-                if info.is_dir():
+                if info.filename.endswith("/"):
                     continue
                 member = f"{name}:{info.filename}"
                 # torch reads storages as raw bytes, never unpickles them.
