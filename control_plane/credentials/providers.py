@@ -80,8 +80,11 @@ def _single_line(value: SecretStr) -> SecretStr:
     return value
 
 
-# http(s), a host, and no whitespace or control characters.
-HTTP_URL_PATTERN = r"^https?://[^\s/?#\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*$"
+# http(s), a host, and no whitespace or control characters. The whitespace is spelled
+# out: Python's `\s` and JSON Schema's (ECMA) `\s` disagree (U+0085), and clients
+# validate with the schema's pattern.
+_NOT_URL_CHARS = r"\x00-\x20\x7f-\x9f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+HTTP_URL_PATTERN = rf"^https?://[^{_NOT_URL_CHARS}/?#][^{_NOT_URL_CHARS}]*$"
 HttpUrlText = Annotated[
     str,
     Field(max_length=2048, pattern=HTTP_URL_PATTERN, examples=["https://api.example.com/v1"]),

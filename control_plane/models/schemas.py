@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from control_plane.core.pagination import Page
+from control_plane.credentials.providers import HTTP_URL_PATTERN
 from workflows.contracts.models import (
     Finding,
     LicenseDecision,
@@ -18,11 +19,17 @@ from workflows.contracts.models import (
     Verdict,
 )
 
+# Explicit classes, not `\w`/`\S`: Python, pydantic and JSON Schema clients disagree on
+# what those match beyond ASCII.
+CLOUD_REF_PATTERN = r"^[A-Za-z0-9_\-]+/[!-~]+$"
+
 ModelName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][\w.\-/:]*$")
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/:]*$")
 ]
 SourceRef = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
-Revision = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[\w.\-/]+$")]
+Revision = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.\-/]+$")
+]
 
 
 class _ModelCreateBase(BaseModel):
@@ -43,7 +50,9 @@ class HuggingFaceModelCreate(_ModelCreateBase):
     source_kind: Literal[SourceKind.HUGGINGFACE]
     source_ref: Annotated[
         str,
-        StringConstraints(min_length=3, max_length=200, pattern=r"^[\w.\-]+/[\w.\-]+$"),
+        StringConstraints(
+            min_length=3, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$"
+        ),
     ] = Field(description="The repository id, `org/name`")
     revision: Revision = Field(
         default="main", description="Branch, tag or commit; pinned to its commit sha"
@@ -62,7 +71,7 @@ class S3ModelCreate(_ModelCreateBase):
     source_ref: Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9.\-]{3,63}(/.*)?$")] = (
         Field(description="`s3://bucket/prefix`")
     )
-    endpoint: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = Field(
+    endpoint: Annotated[str, StringConstraints(pattern=HTTP_URL_PATTERN)] | None = Field(
         default=None, description="An S3-compatible endpoint (MinIO...); default AWS"
     )
     region: str | None = Field(default=None, max_length=64)
@@ -70,8 +79,8 @@ class S3ModelCreate(_ModelCreateBase):
 
 class UrlModelCreate(_ModelCreateBase):
     source_kind: Literal[SourceKind.URL]
-    source_ref: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = Field(
-        description="The URL of a model file"
+    source_ref: Annotated[str, StringConstraints(max_length=2048, pattern=HTTP_URL_PATTERN)] = (
+        Field(description="The URL of a model file")
     )
 
 
@@ -81,7 +90,7 @@ class CloudModelCreate(_ModelCreateBase):
         description="The provider's API key credential (of the project or the tenant)"
     )
     source_ref: Annotated[
-        str, StringConstraints(min_length=3, max_length=300, pattern=r"^[\w\-]+/\S+$")
+        str, StringConstraints(min_length=3, max_length=300, pattern=CLOUD_REF_PATTERN)
     ] = Field(description="`provider/model_id` from the catalog, e.g. `openai/gpt-4o`")
 
 

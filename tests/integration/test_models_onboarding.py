@@ -478,3 +478,36 @@ class TestRescan:
         body = (await api.get(f"/api/v1/models/{created['id']}")).json()
         assert body["scan"]["version"] == result.scanner_version != "0.0.0"
         assert body["status"] == "ready"
+
+
+class TestUrlAndDelete:
+    async def test_a_plain_url_then_delete_frees_unshared_files(
+        self,
+        api: httpx.AsyncClient,
+        start_workers: StartWorkers,
+        hf_server: HubServer,
+        settings: Settings,
+    ) -> None:
+        weights = tiny_llama()["model.safetensors"]
+        url = hf_server.serve_file("/files/tiny.safetensors", weights)
+        await allow_everything(api)
+        await start_workers(ALL_QUEUES)
+        created = await onboard(api, name="from-url", source_kind="url", source_ref=url)
+        body = await wait_for_model(api, created["id"], "ready")
+        [artifact] = body["artifacts"]
+        assert artifact["path"] == "tiny.safetensors"
+        assert artifact["sha256"] == hashlib.sha256(weights).hexdigest()
+        store = FileObjectStore(settings.objects_dir)
+        assert await store.exists(artifact["object_key"])
+
+        assert (await api.delete(f"/api/v1/models/{created['id']}")).status_code == 204
+        assert (await api.get(f"/api/v1/models/{created['id']}")).status_code == 404
+        assert not await store.exists(artifact["object_key"])
+
+    async def test_deleting_while_onboarding_is_a_conflict(self, api: httpx.AsyncClient) -> None:
+        created = await onboard(
+            api, name="pending", source_kind="url", source_ref="http://127.0.0.1:9/x.bin"
+        )
+        response = await api.delete(f"/api/v1/models/{created['id']}")
+        assert response.status_code == 409
+        assert created["workflow_id"] in response.json()["detail"]
