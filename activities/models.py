@@ -46,6 +46,7 @@ from control_plane.models.catalog import (
     merge_catalog,
 )
 from control_plane.models.repository import ModelRepository
+from control_plane.models.scanner.modelscan_merge import modelscan_findings
 from control_plane.models.service import LocalSourceRefused, check_local_root
 from control_plane.models.tables import (
     CatalogModel,
@@ -417,6 +418,9 @@ class ModelActivities:
             activity.heartbeat(artifact.path)
             async with self._local_copy(artifact.object_key, artifact.path) as path:
                 findings += await asyncio.to_thread(scanner.scan_file, path, name=artifact.path)
+                if self.settings.merge_modelscan:
+                    merged = await asyncio.to_thread(modelscan_findings, path)
+                    findings += [f.model_copy(update={"file": artifact.path}) for f in merged]
             scanned_bytes += artifact.size
         report = ScanReport(
             scanner=scanner.SCANNER_NAME,

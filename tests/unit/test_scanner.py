@@ -35,6 +35,7 @@ from tests.fixtures.model_files import (
     BENIGN_SAMPLES,
     MALICIOUS_SAMPLES,
     Ops,
+    Sample,
     call_pickle,
     npy_bytes,
     write_benign_corpus,
@@ -96,10 +97,7 @@ class TestMalicious:
         assert len(pickles) >= 15
 
     @pytest.mark.parametrize("sample", MALICIOUS_SAMPLES, ids=lambda s: s.filename)
-    def test_each_sample_is_flagged(self, corpora: tuple[Path, Path], sample: object) -> None:
-        from tests.fixtures.model_files import Sample
-
-        assert isinstance(sample, Sample)
+    def test_each_sample_is_flagged(self, corpora: tuple[Path, Path], sample: Sample) -> None:
         findings = scan_file(corpora[0] / sample.filename)
         assert worst(findings) == sample.severity, findings
         assert sample.code in {f.code for f in findings}, findings
@@ -140,10 +138,7 @@ class TestMalicious:
 
 class TestBenign:
     @pytest.mark.parametrize("sample", BENIGN_SAMPLES, ids=lambda s: s.filename)
-    def test_each_file_has_no_finding(self, corpora: tuple[Path, Path], sample: object) -> None:
-        from tests.fixtures.model_files import Sample
-
-        assert isinstance(sample, Sample)
+    def test_each_file_has_no_finding(self, corpora: tuple[Path, Path], sample: Sample) -> None:
         assert scan_file(corpora[1] / sample.filename) == []
 
     def test_directory_is_clean(self, corpora: tuple[Path, Path]) -> None:

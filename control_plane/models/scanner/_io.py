@@ -81,7 +81,11 @@ class MeteredReader:
 
     def read(self, size: int = -1, /) -> bytes:
         if size < 0:
-            size = max(self._budget.left, 0) + 1
+            # Read to the end in chunks: the budget stops a bomb before memory does.
+            parts = []
+            while chunk := self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
         data = self._inner.read(size)
         self._budget.take(len(data))
         self._pos += len(data)

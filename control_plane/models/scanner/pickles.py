@@ -265,16 +265,54 @@ class _Walker:
             ):
                 raise _Limit("more stack and memo entries than the scan allows")
             op = byte()
-            if op == 0x80:  # PROTO
+            # What state dicts are made of comes first: this chain is the hot loop.
+            if op == 0x4B:  # BININT1
+                byte()
+                stack.append(_SCALAR)
+            elif op == 0x71:  # BINPUT
+                memo_put(byte())
+            elif op == 0x68:  # BINGET
+                memo_get(byte())
+            elif op == 0x28:  # MARK
+                metastack.append(stack)
+                stack = []
+            elif op == 0x74:  # TUPLE
+                items = pop_mark()  # rebinds `stack`: pop before appending
+                stack.append(tuple(items))
+            elif op == 0x58:  # BINUNICODE
+                stack.append(text(uint(4), "utf-8"))
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                stack.append(text(byte(), "utf-8"))
+            elif op == 0x94:  # MEMOIZE
+                memo_put(len(memo))
+            elif op == 0x52:  # REDUCE
+                args = pop()
+                func = pop()
+                self.check_call(func, args, "REDUCE")
+                stack.append(_reduce_value(func, args))
+            elif op in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
+                stack.append(_SCALAR)
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x85:  # TUPLE1
+                stack.append((pop(),))
+            elif op == 0x86:  # TUPLE2
+                second = pop()
+                stack.append((pop(), second))
+            elif op == 0x87:  # TUPLE3
+                third = pop()
+                second = pop()
+                stack.append((pop(), second, third))
+            elif op == 0x51:  # BINPERSID
+                pop()
+                stack.append(_OPAQUE)
+            elif op == 0x80:  # PROTO
                 if byte() > 5:
                     raise _Malformed("unsupported protocol")
             elif op == 0x95:  # FRAME: a read-ahead hint, the opcodes follow as usual.
                 read(8)
             elif op == 0x2E:  # STOP
                 return
-            elif op == 0x28:  # MARK
-                metastack.append(stack)
-                stack = []
             elif op == 0x30:  # POP
                 if stack:
                     stack.pop()
@@ -285,10 +323,6 @@ class _Walker:
             elif op == 0x32:  # DUP
                 stack.append(top())
             # Strings: kept, they may become STACK_GLOBAL operands.
-            elif op == 0x8C:  # SHORT_BINUNICODE
-                stack.append(text(byte(), "utf-8"))
-            elif op == 0x58:  # BINUNICODE
-                stack.append(text(uint(4), "utf-8"))
             elif op == 0x8D:  # BINUNICODE8
                 stack.append(text(uint(8), "utf-8"))
             elif op == 0x56:  # UNICODE
@@ -327,11 +361,6 @@ class _Walker:
             elif op in (0x8E, 0x96):  # BINBYTES8, BYTEARRAY8
                 stack.append(binary(uint(8)))
             # Numbers and constants.
-            elif op in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
-                stack.append(_SCALAR)
-            elif op == 0x4B:  # BININT1
-                read(1)
-                stack.append(_SCALAR)
             elif op == 0x4D:  # BININT2
                 read(2)
                 stack.append(_SCALAR)
@@ -356,20 +385,6 @@ class _Walker:
             # Containers.
             elif op in (0x5D, 0x7D, 0x8F):  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
                 stack.append(_SCALAR)
-            elif op == 0x29:  # EMPTY_TUPLE
-                stack.append(())
-            elif op == 0x85:  # TUPLE1
-                stack.append((pop(),))
-            elif op == 0x86:  # TUPLE2
-                second = pop()
-                stack.append((pop(), second))
-            elif op == 0x87:  # TUPLE3
-                third = pop()
-                second = pop()
-                stack.append((pop(), second, third))
-            elif op == 0x74:  # TUPLE
-                items = pop_mark()  # rebinds `stack`: pop before appending
-                stack.append(tuple(items))
             elif op in (0x6C, 0x64, 0x91):  # LIST, DICT, FROZENSET
                 pop_mark()
                 stack.append(_SCALAR)
@@ -387,8 +402,6 @@ class _Walker:
                 pop_mark()
                 self.mutate(top(), "SETITEMS")
             # Memo.
-            elif op == 0x71:  # BINPUT
-                memo_put(byte())
             elif op == 0x72:  # LONG_BINPUT
                 memo_put(uint(4))
             elif op == 0x70:  # PUT
@@ -396,10 +409,6 @@ class _Walker:
                     memo_put(int(line()))
                 except ValueError as err:
                     raise _Malformed("bad PUT index") from err
-            elif op == 0x94:  # MEMOIZE
-                memo_put(len(memo))
-            elif op == 0x68:  # BINGET
-                memo_get(byte())
             elif op == 0x6A:  # LONG_BINGET
                 memo_get(uint(4))
             elif op == 0x67:  # GET
@@ -452,11 +461,6 @@ class _Walker:
                 )
                 stack.append(_OPAQUE)
             # Calls.
-            elif op == 0x52:  # REDUCE
-                args = pop()
-                func = pop()
-                self.check_call(func, args, "REDUCE")
-                stack.append(_reduce_value(func, args))
             elif op == 0x81:  # NEWOBJ
                 args = pop()
                 cls_value = pop()
@@ -477,9 +481,6 @@ class _Walker:
             elif op == 0x62:  # BUILD
                 pop()
                 self.mutate(top(), "BUILD")
-            elif op == 0x51:  # BINPERSID
-                pop()
-                stack.append(_OPAQUE)
             elif op == 0x50:  # PERSID
                 line()
                 stack.append(_OPAQUE)

@@ -157,10 +157,19 @@ class _Scan:
         ext = PurePosixPath(name.rsplit(":", 1)[-1]).suffix.lower()
         head = reader.read(_SNIFF)
         reader.seek(0)
-        if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or ext == ".npz":
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             self.archive(name, reader, size, depth)
-        elif head.startswith(NPY_MAGIC) or ext == ".npy":
+        elif head.startswith(NPY_MAGIC):
             self.npy(name, reader, size, depth)
+        elif ext in (".npy", ".npz"):
+            # `np.load(allow_pickle=True)` unpickles whatever has neither magic.
+            self.add(
+                Severity.MEDIUM,
+                name,
+                "numpy.malformed",
+                "neither .npy nor .npz: numpy would read it as a pickle",
+            )
+            self.pickle(name, reader, size, ext, head, depth)
         elif head.startswith(GGUF_MAGIC) or ext == ".gguf":
             findings, parsed = check_gguf(reader, name, size)
             self.findings.extend(findings)
