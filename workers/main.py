@@ -32,6 +32,8 @@ from workflows.queues import Queue, task_queue
 
 log = get_logger(__name__)
 
+HEARTBEAT_THROTTLE_SECONDS = 2
+
 
 class _LogContextInbound(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
@@ -87,6 +89,10 @@ def build_workers(
                     pool.max_concurrent_activities or settings.max_concurrent_activities
                 ),
                 graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+                # The SDK otherwise forwards heartbeats only every 0.8 x the heartbeat
+                # timeout; resumable downloads need their offsets to land promptly.
+                max_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_THROTTLE_SECONDS),
+                default_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_THROTTLE_SECONDS),
             )
         )
     return workers

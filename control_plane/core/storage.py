@@ -279,6 +279,14 @@ async def sha256_file(path: Path) -> str:
 # ------------------------------------------------------------------------ threads
 
 
+def _md5_file(path: Path) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as reader:
+        while block := reader.read(READ_CHUNK_BYTES):
+            md5.update(block)
+    return md5.hexdigest()
+
+
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
     if future.done():
         return
@@ -438,6 +446,22 @@ class ObjectStore(ABC):
             yield bytes(data)
 
         return await self.put_stream(key, one_chunk(), content_type=content_type, metadata=metadata)
+
+    async def adopt_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        etag: str | None = None,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Store the local file `path` under `key` and take it over: `path` is gone
+        afterwards. Backends that can move it into place instead of copying it do (a
+        finished download then costs no second pass over its bytes)."""
+        info = await self.put_stream(key, path, content_type=content_type, metadata=metadata)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        return info
 
     @abstractmethod
     def get_stream(
@@ -675,6 +699,39 @@ class FileObjectStore(ObjectStore):
             self._discard(file, temp)
             raise
         return self._commit(file, temp, key, target, size, md5.hexdigest(), content_type, metadata)
+
+    async def adopt_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        etag: str | None = None,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        target = self.path_for(key)
+        meta = _normalize_metadata(metadata)
+        kind = _normalize_content_type(content_type)
+
+        def adopt() -> ObjectInfo | None:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            temp = self._tmp / f"{secrets.token_hex(12)}.part"
+            try:
+                os.replace(path, temp)
+            except OSError as err:
+                if err.errno == errno.EXDEV:
+                    return None
+                raise
+            file = open(temp, "r+b")  # noqa: SIM115 - _commit closes it
+            size = os.fstat(file.fileno()).st_size
+            digest = etag or _md5_file(temp)
+            return self._commit(file, temp, key, target, size, digest, kind, meta)
+
+        adopted = await asyncio.to_thread(adopt)
+        if adopted is not None:
+            return adopted
+        # Another filesystem: copy, then let go of the original.
+        return await super().adopt_file(key, path, content_type=content_type, metadata=metadata)
 
     def _open_temp(self) -> tuple[BinaryIO, Path]:
         self._tmp.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,8 @@ T = TypeVar("T")
 
 CHUNK_BYTES: Final = 1024 * 1024
 PROGRESS_EVERY_BYTES: Final = 8 * 1024 * 1024
+# Chunks are written (and hashed) in batches of this size, one batch in flight.
+WRITE_BATCH_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_HF_REVISION: Final = "main"
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -779,13 +781,14 @@ class _PartFile:
             self._hash = hashlib.sha256()
             self.size = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write_all(self, chunks: list[bytes]) -> None:
         with self._lock:
             handle = self._opened()
-            handle.write(chunk)
+            for chunk in chunks:
+                handle.write(chunk)
+                self._hash.update(chunk)
             handle.flush()
-            self._hash.update(chunk)
-            self.size += len(chunk)
+            self.size += sum(len(chunk) for chunk in chunks)
 
     def _opened(self) -> BinaryIO:
         if self._handle is None:
@@ -873,9 +876,11 @@ async def download_file(
     key = content_key(digest)
     existing = await store.stat(key)
     reused = existing is not None and existing.size == part.size
-    if not reused:
-        await store.put_stream(key, part.path)
-    await asyncio.to_thread(part.path.unlink, missing_ok=True)
+    if reused:
+        await asyncio.to_thread(part.path.unlink, missing_ok=True)
+    else:
+        # The file store moves the finished part into place (no second copy).
+        await store.adopt_file(key, part.path, etag=f"sha256-{digest}")
     return StoredFile(path=file.path, size=part.size, sha256=digest, key=key, reused=reused)
 
 
@@ -912,12 +917,42 @@ async def _fetch_into(
             # The server ignored the range and sends everything: start over with it.
             await asyncio.to_thread(part.restart)
         reported = part.size
-        async for chunk in chunks:
-            await asyncio.to_thread(part.write, chunk)
-            if part.size > file.size:
-                raise IntegrityError(f"{file.path!r}: more bytes than the listed {file.size}")
-            if on_progress is not None and part.size - reported >= progress_every:
-                on_progress(part.size)
-                reported = part.size
+        received = part.size
+        batch: list[bytes] = []
+        batched = 0
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > file.size:
+                    raise IntegrityError(f"{file.path!r}: more bytes than the listed {file.size}")
+                batch.append(chunk)
+                batched += len(chunk)
+                # Progress is reported per written batch: batches no larger than the
+                # progress step keep it as fine as the caller asked.
+                if batched < min(WRITE_BATCH_BYTES, progress_every):
+                    continue
+                # One batch is written (and hashed) in a thread while the next arrives.
+                if writing is not None:
+                    await writing
+                    # Only what a finished write flushed is reported.
+                    if on_progress is not None and part.size - reported >= progress_every:
+                        on_progress(part.size)
+                        reported = part.size
+                writing = asyncio.ensure_future(asyncio.to_thread(part.write_all, batch))
+                batch, batched = [], 0
+            if writing is not None:
+                await writing
+                writing = None
+            await asyncio.to_thread(part.write_all, batch)
+        except BaseException:
+            if writing is not None:
+                # Cancelled or failed mid-way: let the write in flight land (or fail)
+                # before the part file is closed, and report what it flushed, so a
+                # retry resumes after it.
+                await asyncio.gather(writing, return_exceptions=True)
+                if on_progress is not None and part.size > reported:
+                    on_progress(part.size)
+            raise
     if on_progress is not None:
         on_progress(part.size)

@@ -731,13 +731,13 @@ class TestUrls:
 
 
 class CountingStore(FileObjectStore):
-    """A real file store that counts uploads."""
+    """A real file store that counts uploads (finished downloads are adopted)."""
 
     uploads = 0
 
-    async def put_stream(self, key: str, chunks: Any, **options: Any) -> ObjectInfo:
+    async def adopt_file(self, key: str, path: Path, **options: Any) -> ObjectInfo:
         self.uploads += 1
-        return await super().put_stream(key, chunks, **options)
+        return await super().adopt_file(key, path, **options)
 
 
 class FlakyStore(FileObjectStore):
@@ -745,11 +745,11 @@ class FlakyStore(FileObjectStore):
 
     failed = False
 
-    async def put_stream(self, key: str, chunks: Any, **options: Any) -> ObjectInfo:
+    async def adopt_file(self, key: str, path: Path, **options: Any) -> ObjectInfo:
         if not self.failed:
             self.failed = True
             raise DependencyUnavailable("object store is unavailable", dependency="object_store")
-        return await super().put_stream(key, chunks, **options)
+        return await super().adopt_file(key, path, **options)
 
 
 class TestContentReuse:
