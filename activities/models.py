@@ -98,6 +98,8 @@ SKIPPED_SUFFIXES = (".h5", ".msgpack", ".ot", ".tflite", ".onnx", ".mlmodel")
 # PyTorch weights are skipped when the same model ships safetensors.
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth")
 HEARTBEAT_SECONDS = 2.0
+# Files of one model downloaded at once (big repositories are split into shards).
+PARALLEL_DOWNLOADS = 4
 SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
 DEFAULT_ENDPOINTS = {
     "openai": "https://api.openai.com/v1",
@@ -317,31 +319,29 @@ class ModelActivities:
         context = await self._context(request.model)
         resolved = await self._resolved(context)
         details = activity.info().heartbeat_details
-        resume = DownloadProgress.model_validate(details[0]) if details else None
-        done: list[str] = list(resume.files_done) if resume else []
+        resume = DownloadProgress.model_validate(details[0]) if details else DownloadProgress()
+        offsets = dict(resume.offsets)
+        if resume.file:
+            offsets.setdefault(resume.file, resume.offset)
+        done: list[str] = list(resume.files_done)
         staging = self.staging_dir / str(request.model.model_id)
         staging.mkdir(parents=True, exist_ok=True)
         total = sum(f.size for f in request.files)
-        progress = _Progress(total=total, files_total=len(request.files))
-        progress.files_done = len(done)
-        progress.bytes_done = sum(f.size for f in request.files if f.path in done)
-        fetched = reused = 0
-        beat = asyncio.create_task(progress.beat(done))
-        try:
-            for file in request.files:
-                if file.path in done:
-                    continue
+        progress = _Progress(total=total, files_total=len(request.files), done=done)
+        progress.finished_bytes = sum(f.size for f in request.files if f.path in done)
+        counts = {"fetched": 0, "reused": 0}
+        slots = asyncio.Semaphore(PARALLEL_DOWNLOADS)
+
+        async def one(file: SourceFile) -> None:
+            async with slots:
                 listed = _listed(resolved, file)
                 stored = await self._reuse(context.model, listed)
                 if stored is None:
-                    offset = resume.offset if resume and resume.file == file.path else 0
-                    before = progress.bytes_done
-                    progress.current = file.path
-                    progress.offset = offset
+                    offset = offsets.get(file.path, 0)
+                    progress.offsets[file.path] = offset
 
-                    def on_progress(count: int, base: int = before) -> None:
-                        progress.offset = count
-                        progress.bytes_done = base + count
+                    def on_progress(count: int) -> None:
+                        progress.offsets[file.path] = count
 
                     try:
                         result = await sources.download_file(
@@ -356,7 +356,7 @@ class ModelActivities:
                         )
                     except sources.SourceError as err:
                         raise _source_error(err) from None
-                    fetched += max(0, result.size - offset)
+                    counts["fetched"] += max(0, result.size - offset)
                     stored = ModelArtifact(
                         model_id=context.model.id,
                         path=file.path,
@@ -365,15 +365,23 @@ class ModelActivities:
                         object_key=result.key,
                         etag=listed.etag,
                     )
-                    progress.bytes_done = before + result.size
                 else:
-                    reused += 1
-                    progress.bytes_done += stored.size
+                    counts["reused"] += 1
                 async with session_scope(self.sessions) as session:
                     await ModelRepository(session).save_artifact(stored)
+                progress.offsets.pop(file.path, None)
+                progress.finished_bytes += stored.size
                 done.append(file.path)
-                progress.files_done = len(done)
-                progress.current, progress.offset = None, 0
+
+        beat = asyncio.create_task(progress.beat())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for file in request.files:
+                    if file.path not in done:
+                        group.create_task(one(file))
+        except* Exception as errors:
+            # One file's failure stops the others; report it, not the group.
+            raise errors.exceptions[0] from None
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -381,7 +389,10 @@ class ModelActivities:
         await progress.signal()
         shutil.rmtree(staging, ignore_errors=True)
         return DownloadResult(
-            files=len(request.files), bytes_total=total, bytes_fetched=fetched, files_reused=reused
+            files=len(request.files),
+            bytes_total=total,
+            bytes_fetched=counts["fetched"],
+            files_reused=counts["reused"],
         )
 
     async def _reuse(self, model: Model, file: SourceFile) -> ModelArtifact | None:
@@ -671,23 +682,22 @@ class ModelActivities:
 
 
 class _Progress:
-    """Download progress shared by the download loop and the heartbeat task."""
+    """Download progress shared by the downloads and the heartbeat task."""
 
-    def __init__(self, *, total: int, files_total: int) -> None:
+    def __init__(self, *, total: int, files_total: int, done: list[str]) -> None:
         self.total = total
         self.files_total = files_total
-        self.files_done = 0
-        self.bytes_done = 0
-        self.current: str | None = None
-        self.offset = 0
+        self.done = done
+        self.finished_bytes = 0
+        # Bytes on disk of each file in flight (what a retry resumes from).
+        self.offsets: dict[str, int] = {}
 
-    async def beat(self, done: list[str]) -> None:
+    def details(self) -> DownloadProgress:
+        return DownloadProgress(files_done=list(self.done), offsets=dict(self.offsets))
+
+    async def beat(self) -> None:
         while True:
-            activity.heartbeat(
-                DownloadProgress(
-                    file=self.current or "", offset=self.offset, files_done=list(done)
-                ).model_dump(mode="json")
-            )
+            activity.heartbeat(self.details().model_dump(mode="json"))
             await self.signal()
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -696,11 +706,11 @@ class _Progress:
         if workflow_id is None:
             return
         update = DownloadProgressUpdate(
-            bytes_done=self.bytes_done,
+            bytes_done=self.finished_bytes + sum(self.offsets.values()),
             bytes_total=self.total,
-            files_done=self.files_done,
+            files_done=len(self.done),
             files_total=self.files_total,
-            current_file=self.current,
+            current_file=", ".join(sorted(self.offsets)) or None,
         )
         # Progress is a courtesy to watchers: failing to report it never fails the download.
         with contextlib.suppress(Exception):

@@ -145,9 +145,11 @@ class LicenseReview(BaseModel):
 class DownloadProgress(BaseModel):
     """Heartbeat details of the download activity: where to resume."""
 
-    file: str
+    file: str = ""
     offset: Integer = 0
     files_done: list[str] = Field(default_factory=list)
+    # Files downloaded concurrently: bytes on disk per file in flight.
+    offsets: dict[str, int] = Field(default_factory=dict)
 
 
 class ModelRef(BaseModel):
