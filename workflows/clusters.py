@@ -53,6 +53,8 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 
 RESOURCE_KIND = "cluster"
+# Patch ids (never reuse or rename): changes to in-flight logic.
+MONITOR_BEFORE_AVAILABLE = "monitor-before-available"
 # Cluster API calls are short; anything slower is a hung connection. The activities
 # heartbeat while they wait, so a dead worker is noticed within the heartbeat timeout.
 CLUSTER_CALL_TIMEOUT = timedelta(seconds=60)
@@ -244,10 +246,26 @@ class OnboardCluster(ClusterWorkflow):
 
             step = "start monitor"
             tracker.start(step)
-            stored = await self._set_status(
-                target, ClusterStatus.AVAILABLE, f"onboarded: {describe(inventory)}", BEING_DELETED
-            )
-            monitor_id = await self._start_monitor(request)
+            reason = f"onboarded: {describe(inventory)}"
+            if workflow.patched(MONITOR_BEFORE_AVAILABLE):
+                # A cluster shown `available` always has a monitor to refresh, and
+                # onboarding judges the inventory by the monitor's rule (no ready
+                # node: `degraded`), so the two never disagree.
+                monitor_id = await self._start_monitor(request)
+                judged, _, why = next_status(
+                    ClusterStatus.ONBOARDING,
+                    0,
+                    HealthReport(reachable=True, inventory=inventory, checked_at=workflow.now()),
+                    request.monitor.failure_threshold,
+                )
+                if judged is not ClusterStatus.AVAILABLE:
+                    reason = f"onboarded, {why}"
+                stored = await self._set_status(target, judged, reason, BEING_DELETED)
+            else:
+                stored = await self._set_status(
+                    target, ClusterStatus.AVAILABLE, reason, BEING_DELETED
+                )
+                monitor_id = await self._start_monitor(request)
             tracker.finish(step, StepStatus.COMPLETED, monitor_id)
         except (ActivityError, asyncio.CancelledError) as err:
             if is_cancellation(err):

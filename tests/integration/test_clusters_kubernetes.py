@@ -150,6 +150,16 @@ class TestKubernetesOnboarding:
         assert entry["fits"] is False
         assert entry["reason"].startswith("does not fit")
 
+    async def test_a_cluster_without_ready_nodes_is_onboarded_degraded(
+        self, api: httpx.AsyncClient, start_workers: StartWorkers, kube_api: KubeApiServer
+    ) -> None:
+        await start_workers(ALL_QUEUES)
+        credential = await store_kubeconfig(api, kube_api.kubeconfig())
+        cluster = (await create_cluster(api, credential)).json()
+        body = await wait_for_cluster(api, cluster["id"], "degraded")
+        assert "no nodes" in body["status_reason"]
+        await wait_for_status(api, cluster["workflow_id"], "completed")
+
     async def test_same_api_server_twice_is_a_conflict(
         self, api: httpx.AsyncClient, kube_api: KubeApiServer
     ) -> None:
@@ -207,6 +217,7 @@ class TestKubernetesOnboarding:
         assert version_calls(kube_api) == 3
         # A failed onboarding frees the server for a new attempt.
         kube_api.fail_with(None)
+        with_nodes(kube_api)
         again = await create_cluster(api, credential, name="prod-2")
         assert again.status_code == 202, again.text
         await wait_for_cluster(api, again.json()["id"], "available")

@@ -26,7 +26,10 @@ async def wait_for_cluster(
         body: dict[str, Any] = response.json()
         if response.status_code == 200 and body["status"] == status:
             return body
-        assert asyncio.get_running_loop().time() < deadline, body
+        assert asyncio.get_running_loop().time() < deadline, (
+            body.get("status"),
+            body.get("status_reason"),
+        )
         await asyncio.sleep(0.2)
 
 
@@ -181,5 +184,8 @@ async def wait_for_check(api: httpx.AsyncClient, workflow_id: str, checks: int) 
         detail = steps[0].get("detail") or "" if steps else ""
         if detail.startswith("check ") and int(detail.split()[1].rstrip(":")) >= checks:
             return
-        assert asyncio.get_running_loop().time() < deadline, body
+        assert asyncio.get_running_loop().time() < deadline, (
+            body.get("status"),
+            body.get("status_reason"),
+        )
         await asyncio.sleep(0.2)
