@@ -35,6 +35,8 @@ Username = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._@+-]+$")
 ]
 Password = Annotated[str, StringConstraints(min_length=12, max_length=256)]
+# Free text PostgreSQL can store: anything but NUL (a 422 from the schema, not the DB).
+NO_NUL_PATTERN = r"^[^\x00]*$"
 Scopes = Annotated[list[Scope], AfterValidator(_scopes), Field(min_length=1, max_length=64)]
 
 
@@ -56,12 +58,14 @@ class PasswordChange(BaseModel):
 
 class TenantCreate(BaseModel):
     slug: Slug
-    display_name: str = Field(min_length=1, max_length=255)
+    display_name: str = Field(min_length=1, max_length=255, pattern=NO_NUL_PATTERN)
     admin_username: Username = "admin"
 
 
 class TenantUpdate(BaseModel):
-    display_name: str | None = Field(default=None, min_length=1, max_length=255)
+    display_name: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=NO_NUL_PATTERN
+    )
     status: TenantStatus | None = None
 
 
@@ -84,7 +88,7 @@ class TenantCreated(TenantRead):
 class UserCreate(BaseModel):
     username: Username
     email: str | None = Field(default=None, max_length=320)
-    display_name: str | None = Field(default=None, max_length=255)
+    display_name: str | None = Field(default=None, max_length=255, pattern=NO_NUL_PATTERN)
     # Omit to get a generated one-time password back.
     password: Password | None = None
     is_tenant_admin: StrictBool = False
@@ -92,7 +96,7 @@ class UserCreate(BaseModel):
 
 class UserUpdate(BaseModel):
     email: str | None = Field(default=None, max_length=320)
-    display_name: str | None = Field(default=None, max_length=255)
+    display_name: str | None = Field(default=None, max_length=255, pattern=NO_NUL_PATTERN)
     is_tenant_admin: StrictBool | None = None
     status: UserStatus | None = None
 
@@ -128,11 +132,11 @@ class MeRead(UserRead):
 
 class ProjectCreate(BaseModel):
     name: Slug
-    description: str | None = Field(default=None, max_length=2000)
+    description: str | None = Field(default=None, max_length=2000, pattern=NO_NUL_PATTERN)
 
 
 class ProjectUpdate(BaseModel):
-    description: str | None = Field(default=None, max_length=2000)
+    description: str | None = Field(default=None, max_length=2000, pattern=NO_NUL_PATTERN)
 
 
 class ProjectRead(BaseModel):
@@ -163,7 +167,7 @@ class MemberRead(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
+    name: str = Field(min_length=1, max_length=255, pattern=NO_NUL_PATTERN)
     scopes: Scopes = ["gateway:write"]
     expires_at: datetime | None = None
     rpm_limit: int | None = Field(default=None, ge=1, le=10_000_000)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from control_plane.core.pagination import Page
 from control_plane.credentials.providers import HTTP_URL_PATTERN
+from control_plane.identity.schemas import NO_NUL_PATTERN
 from workflows.contracts.models import (
     Finding,
     LicenseDecision,
@@ -172,21 +173,21 @@ ModelList = Page[ModelRead]
 class LicenseReviewBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL_PATTERN)
 
 
 class LicensePolicyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    allow: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
-        default_factory=list, max_length=500
-    )
-    deny: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
-        default_factory=list, max_length=500
-    )
-    require_approval: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
-        default_factory=list, max_length=500
-    )
+    allow: list[
+        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+    ] = Field(default_factory=list, max_length=500)
+    deny: list[
+        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+    ] = Field(default_factory=list, max_length=500)
+    require_approval: list[
+        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+    ] = Field(default_factory=list, max_length=500)
     default: Literal[
         LicenseDecision.ALLOW, LicenseDecision.DENY, LicenseDecision.REQUIRE_APPROVAL
     ] = LicenseDecision.REQUIRE_APPROVAL

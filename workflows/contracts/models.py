@@ -135,7 +135,7 @@ class ModelMetadataInfo(BaseModel):
 class LicenseReview(BaseModel):
     """Argument of the `approve_license` / `reject_license` updates."""
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"^[^\x00]*$")
     # Filled by the API from the caller; the validator refuses non-admins.
     actor_id: str | None = None
     actor_is_tenant_admin: bool = False
