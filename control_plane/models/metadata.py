@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+from control_plane.models.scanner.safetensors_header import DTYPE_BITS
 from workflows.contracts.models import MemoryEstimate, ModelMetadataInfo
 
 # One tensor of a safetensors header (or GGUF tensor info): dtype name and shape.
@@ -50,28 +51,6 @@ MIB = 1024 * 1024
 FALLBACK_CONTEXT_LENGTH = 4096
 DEFAULT_KV_BYTES = 2
 
-# Bits per element of each safetensors dtype.
-_DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "F8_E8M0": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "I64": 64,
-    "U64": 64,
-    "F64": 64,
-}
 # GGML block-quantized tensor types (GGUF): (elements per block, bytes per block).
 _GGML_BLOCKS: dict[str, tuple[int, int]] = {
     "Q4_0": (32, 18),
@@ -532,7 +511,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _tensor_nbytes(dtype: str, numel: int) -> int | None:
     dtype = dtype.upper()
-    if (bits := _DTYPE_BITS.get(dtype)) is not None:
+    if (bits := DTYPE_BITS.get(dtype)) is not None:
         return math.ceil(numel * bits / 8)
     if (block := _GGML_BLOCKS.get(dtype)) is not None:
         per_block, block_bytes = block
