@@ -6,8 +6,8 @@ a thread. Errors say whether retrying can help: `ClusterUnreachable` is transien
 caller retries or counts failed checks), `ClusterAuthError` and `InvalidClusterConfig`
 are permanent (retrying would only storm the API server).
 
-Replica operations (`ensure_replica`, `delete_replica`, `list_replicas`,
-`replica_health`) join the protocol with the endpoints that use them.
+`ReplicaProvider` adds what endpoints need: keep a replica set of a launch spec running
+with an exact count, list it with each replica's health, read logs, delete it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from workflows.contracts.clusters import ClusterKind, ConnectionInfo, Inventory, PrepareResult
+from workflows.contracts.endpoints import ReplicaInfo, ReplicaSetSpec
 
 
 class ProviderError(Exception):
@@ -31,6 +32,10 @@ class ClusterAuthError(ProviderError):
 
 class InvalidClusterConfig(ProviderError):
     """The credential cannot describe a cluster (bad kubeconfig, missing context...)."""
+
+
+class ReplicaNotFound(ProviderError):
+    """Logs (or anything else) were asked of a replica the provider does not have."""
 
 
 class ClusterProvider(Protocol):
@@ -54,4 +59,30 @@ class ClusterProvider(Protocol):
 
     async def teardown(self) -> list[str]:
         """Remove what `prepare` created; missing is success. Returns what was removed."""
+        ...
+
+
+class ReplicaProvider(Protocol):
+    """Replica sets on a cluster. Every method is idempotent; names are deterministic
+    (`ReplicaSetSpec.name`), so a retried or repeated call finds what an earlier one made.
+    """
+
+    async def ensure_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        """Make exactly `spec.replicas` replicas of `spec.launch` exist: keep healthy and
+        starting ones (never restart them needlessly), replace exited ones, start missing
+        ones, remove extras (highest index first). Returns the replicas afterwards."""
+        ...
+
+    async def list_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        """The replicas that exist, each with its current state (health checked)."""
+        ...
+
+    async def delete_replicas(self, name: str) -> list[str]:
+        """Stop and remove every replica of the set `name`; missing is success. Returns
+        what was removed."""
+        ...
+
+    async def replica_logs(self, name: str, replica: str | None, tail: int) -> dict[str, str]:
+        """The last `tail` lines of each replica's log (one replica when named), by
+        replica name. `ReplicaNotFound` for a named replica that does not exist."""
         ...
