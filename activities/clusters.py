@@ -85,11 +85,13 @@ class ClusterActivities:
         *,
         work_dir: Path | None = None,
         nvidia_smi: str = "nvidia-smi",
+        replicas_dir: Path | None = None,
     ) -> None:
         self.sessions = sessions
         self.vault = vault
         self.work_dir = work_dir
         self.nvidia_smi = nvidia_smi
+        self.replicas_dir = replicas_dir
 
     async def _kubeconfig(self, target: ClusterTarget) -> str | None:
         if target.credential_id is None:
@@ -115,13 +117,24 @@ class ClusterActivities:
 
     @asynccontextmanager
     async def _provider(self, target: ClusterTarget) -> AsyncIterator[ClusterProvider]:
-        provider: ClusterProvider
+        async with self.replica_provider(target) as provider:
+            yield provider
+
+    @asynccontextmanager
+    async def replica_provider(
+        self, target: ClusterTarget
+    ) -> AsyncIterator[LocalProvider | KubernetesProvider]:
+        """The cluster's provider (with replica operations), heartbeating while in use;
+        provider errors leave as activity errors that say whether to retry."""
+        provider: LocalProvider | KubernetesProvider
         kubernetes: KubernetesProvider | None = None
         beating = asyncio.create_task(_heartbeat())
         try:
             if target.kind is ClusterKind.LOCAL:
                 work_dir = self.work_dir / str(target.cluster_id) if self.work_dir else None
-                provider = LocalProvider(nvidia_smi=self.nvidia_smi, work_dir=work_dir)
+                provider = LocalProvider(
+                    nvidia_smi=self.nvidia_smi, work_dir=work_dir, replicas_dir=self.replicas_dir
+                )
             else:
                 kubeconfig = await self._kubeconfig(target)
                 if kubeconfig is None:

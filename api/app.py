@@ -20,6 +20,7 @@ from api.routes import (
     auth,
     clusters,
     credentials,
+    endpoints,
     health,
     models,
     projects,
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(credentials.router)
     app.include_router(clusters.router)
     app.include_router(models.router)
+    app.include_router(endpoints.router)
     app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()

@@ -16,12 +16,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities.bookkeeping import BookkeepingActivities
 from activities.clusters import ClusterActivities
+from activities.endpoints import EndpointActivities
 from activities.models import ModelActivities
 from activities.system import SystemActivities
 from control_plane.core.config import ModelSettings
 from control_plane.core.storage import ObjectStore
 from control_plane.credentials.crypto import Vault
 from workflows.clusters import DeleteCluster, MonitorCluster, OnboardCluster
+from workflows.endpoints import DeployEndpoint
 from workflows.models import OnboardModel, RescanModels, SyncCloudModels
 from workflows.queues import Queue
 from workflows.system import DiagnoseSystem
@@ -55,6 +57,15 @@ class WorkerResources:
             self.vault,
             work_dir=self.data_dir / "clusters",
             nvidia_smi=self.nvidia_smi,
+            replicas_dir=self.data_dir / "replicas",
+        )
+
+    def endpoints(self) -> EndpointActivities:
+        return EndpointActivities(
+            self.sessions,
+            self.clusters(),
+            self.objects,
+            model_cache=self.data_dir / "model-cache",
         )
 
 
@@ -75,8 +86,11 @@ def _system(_: WorkerResources) -> list[Callable[..., Any]]:
 def _orchestration(resources: WorkerResources) -> list[Callable[..., Any]]:
     clusters = resources.clusters()
     models = resources.model_activities()
+    endpoints = resources.endpoints()
     return [
         BookkeepingActivities(resources.sessions).record_workflow_run,
+        endpoints.prepare_endpoint,
+        endpoints.save_endpoint_state,
         clusters.set_cluster_status,
         clusters.save_cluster_inventory,
         models.set_model_status,
@@ -105,6 +119,17 @@ def _sync(resources: WorkerResources) -> list[Callable[..., Any]]:
     return [resources.model_activities().sync_tenant_catalog, *_system(resources)]
 
 
+def _deploy(resources: WorkerResources) -> list[Callable[..., Any]]:
+    endpoints = resources.endpoints()
+    return [
+        endpoints.ensure_endpoint_replicas,
+        endpoints.wait_endpoint_ready,
+        endpoints.observe_endpoint,
+        endpoints.delete_endpoint_replicas,
+        *_system(resources),
+    ]
+
+
 def _cluster(resources: WorkerResources) -> list[Callable[..., Any]]:
     clusters = resources.clusters()
     return [
@@ -130,6 +155,7 @@ POOLS: dict[Queue, PoolSpec] = {
             OnboardModel,
             RescanModels,
             SyncCloudModels,
+            DeployEndpoint,
         ],
         activities=_orchestration,
         description="all workflows; DB bookkeeping activities",
@@ -144,7 +170,7 @@ POOLS: dict[Queue, PoolSpec] = {
         description="download, hash, scan, license, metadata",
     ),
     Queue.DEPLOY: PoolSpec(
-        Queue.DEPLOY, activities=_system, description="replicas and readiness probes"
+        Queue.DEPLOY, activities=_deploy, description="replicas and readiness probes"
     ),
     Queue.BENCHMARK: PoolSpec(
         Queue.BENCHMARK,

@@ -423,30 +423,34 @@ class ClusterService:
 
     async def recommendations(self, principal: Principal, demand: Demand) -> RecommendationList:
         authorize(principal, "clusters:read", tenant_id=principal.tenant_id, what="cluster")
-        rows = await self.repo.placeable(principal.tenant_id)
-        ids = [row.id for row in rows]
-        nodes = await self.repo.nodes(ids) if ids else []
-        accelerators = await self.repo.accelerators(ids) if ids else []
-        by_node: dict[uuid.UUID, list[Accelerator]] = {}
-        for acc in accelerators:
-            by_node.setdefault(acc.node_id, []).append(acc)
-        candidates = [
-            Candidate(
-                cluster_id=row.id,
-                name=row.name,
-                status=ClusterStatus(row.status),
-                nodes=[
-                    node_info(n, by_node.get(n.id, [])) for n in nodes if n.cluster_id == row.id
-                ],
-            )
-            for row in rows
-        ]
+        candidates = await placement_candidates(self.session, principal.tenant_id)
         return RecommendationList(
             memory_mb=demand.memory_mb,
             replicas=demand.replicas,
             device=demand.device,
             items=list(rank(candidates, demand)),
         )
+
+
+async def placement_candidates(session: AsyncSession, tenant_id: uuid.UUID) -> list[Candidate]:
+    """The tenant's placeable clusters with their last discovered nodes."""
+    repo = ClusterRepository(session)
+    rows = await repo.placeable(tenant_id)
+    ids = [row.id for row in rows]
+    nodes = await repo.nodes(ids) if ids else []
+    accelerators = await repo.accelerators(ids) if ids else []
+    by_node: dict[uuid.UUID, list[Accelerator]] = {}
+    for acc in accelerators:
+        by_node.setdefault(acc.node_id, []).append(acc)
+    return [
+        Candidate(
+            cluster_id=row.id,
+            name=row.name,
+            status=ClusterStatus(row.status),
+            nodes=[node_info(n, by_node.get(n.id, [])) for n in nodes if n.cluster_id == row.id],
+        )
+        for row in rows
+    ]
 
 
 async def onboard_local_cluster(

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from workflows.contracts.autoscale import AutoscalePolicy, AutoscaleState
+from workflows.contracts.clusters import ClusterTarget
 from workflows.contracts.common import Integer
 
 PORT_PLACEHOLDER = "{port}"
@@ -180,6 +181,8 @@ class EndpointTarget(BaseModel):
 
 class DeployEndpointRequest(BaseModel):
     target: EndpointTarget
+    # Replicas to start with (autoscaling takes over once the endpoint runs).
+    initial_replicas: Integer = Field(default=1, ge=0)
     autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
     # How often the workflow compares desired and actual replicas and samples load.
     reconcile_interval_s: float = Field(default=10.0, ge=0.2, le=3600)
@@ -201,6 +204,7 @@ class EndpointLoopState(BaseModel):
     """All the state `DeployEndpoint` carries from one run to the next."""
 
     spec: ReplicaSetSpec | None = None
+    cluster: ClusterTarget | None = None
     cluster_id: uuid.UUID | None = None
     autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
     autoscale_state: AutoscaleState = Field(default_factory=AutoscaleState)
@@ -236,6 +240,58 @@ class EndpointStateView(BaseModel):
     published: bool = False
     recreated_total: Integer = 0
     cluster_id: uuid.UUID | None = None
+
+
+class DeployEndpointResult(BaseModel):
+    status: EndpointStatus
+    reason: str = ""
+
+
+class PreparedEndpoint(BaseModel):
+    """What `prepare_endpoint` decided: where the endpoint runs and what replicas run."""
+
+    cluster: ClusterTarget
+    spec: ReplicaSetSpec
+    placement: str = ""
+
+
+class ReplicaCall(BaseModel):
+    """A provider call on one endpoint's replica set."""
+
+    cluster: ClusterTarget
+    spec: ReplicaSetSpec
+
+
+class Observation(BaseModel):
+    replicas: list[ReplicaInfo] = Field(default_factory=list)
+    loads: list[ReplicaLoad] = Field(default_factory=list)
+
+    @property
+    def running(self) -> float:
+        return sum(load.running for load in self.loads)
+
+    @property
+    def waiting(self) -> float:
+        return sum(load.waiting for load in self.loads)
+
+
+class EndpointSnapshot(BaseModel):
+    """What `save_endpoint_state` mirrors into PostgreSQL."""
+
+    endpoint_id: uuid.UUID
+    status: EndpointStatus
+    reason: str = ""
+    replicas_desired: Integer = 0
+    # None: leave the replica rows as they are.
+    replicas: list[ReplicaInfo] | None = None
+    loads: dict[str, float] = Field(default_factory=dict)
+    load: float = 0.0
+    published: bool = False
+    autoscale: AutoscalePolicy | None = None
+    manual_replicas: Integer | None = None
+    events: list[ScalingEventRecord] = Field(default_factory=list)
+    # Do not overwrite these statuses (a delete that started meanwhile).
+    unless_in: list[EndpointStatus] = Field(default_factory=list)
 
 
 DeployEndpointRequest.model_rebuild()

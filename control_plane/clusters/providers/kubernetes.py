@@ -23,6 +23,13 @@ accepted: a bearer token, inline client certificate/key data, or username/passwo
 cloud identity) and file references (`tokenFile`, `client-certificate`,
 `certificate-authority`..., which would read files of the control plane's host) are
 refused with `InvalidClusterConfig`.
+
+Replica sets (`ReplicaProvider`) are a Deployment and a ClusterIP Service, both named
+`ReplicaSetSpec.name`, in the provider's namespace (`replica_set_manifests` renders them).
+Ensuring creates them or, when they exist, merge-patches their replica count and pod
+template, so a repeated call changes nothing and an unchanged template starts no rollout.
+Each pod is one replica. A spec the cluster cannot run (no image, files only a local
+replica has) is refused with `InvalidReplicaSpec`.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import json
+import math
 import re
 import ssl
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -50,6 +59,7 @@ from control_plane.clusters.providers.base import (
     ClusterUnreachable,
     InvalidClusterConfig,
     ProviderError,
+    ReplicaNotFound,
 )
 from workflows.contracts.clusters import (
     AcceleratorInfo,
@@ -59,6 +69,15 @@ from workflows.contracts.clusters import (
     NodeInfo,
     Platform,
     PrepareResult,
+)
+from workflows.contracts.endpoints import (
+    LABEL_ENDPOINT,
+    MODEL_DIR_PLACEHOLDER,
+    PORT_PLACEHOLDER,
+    PYTHON_PLACEHOLDER,
+    ReplicaInfo,
+    ReplicaSetSpec,
+    ReplicaState,
 )
 
 SERVICE_ACCOUNT = "control-plane"
@@ -90,6 +109,25 @@ _FILE_KEYS = {
     "client-key": "client-key-data",
     "certificate-authority": "certificate-authority-data",
 }
+
+
+APP_NAME_LABEL = "app.kubernetes.io/name"
+ENGINE_CONTAINER = "engine"
+SERVICE_PORT = 80
+_SHM_VOLUME = "dshm"
+# Kubernetes sends JSON merge patches (RFC 7386) with this type: lists are replaced
+# whole, so a patched pod template loses containers, env vars and volumes it no longer has.
+_MERGE_PATCH = "application/merge-patch+json"
+# Period of the startup probe; its failure threshold covers `startup_timeout_s`.
+_STARTUP_PERIOD_S = 10
+# Bounds what one `replica_logs` call holds in memory per replica.
+_MAX_LOG_BYTES = 1024 * 1024
+# Container waiting reasons that mean the replica has failed, not that it is on its way.
+_FAILED_WAITING = frozenset({"CrashLoopBackOff"})
+
+
+class InvalidReplicaSpec(ProviderError):
+    """A replica set spec this provider cannot run (permanent: retrying will not help)."""
 
 
 def _load_document(kubeconfig: str) -> dict[str, Any]:
@@ -419,6 +457,209 @@ def _node_info(node: Any) -> NodeInfo:
     )
 
 
+def _replica_set_labels(spec: ReplicaSetSpec) -> dict[str, str]:
+    # Ours last: a spec's own labels must not break the selector or the ownership marks.
+    return {
+        **spec.labels,
+        LABEL_ENDPOINT: str(spec.endpoint_id),
+        MANAGED_BY_LABEL: MANAGED_BY,
+        APP_NAME_LABEL: spec.name,
+    }
+
+
+def _container_command(spec: ReplicaSetSpec) -> list[str]:
+    launch = spec.launch
+    command: list[str] = []
+    for arg in launch.command:
+        if MODEL_DIR_PLACEHOLDER in arg:
+            raise InvalidReplicaSpec(
+                f"replica set {spec.name}: the command refers to {MODEL_DIR_PLACEHOLDER}, model "
+                "files put on a local replica's disk, which pods on Kubernetes do not have"
+            )
+        command.append(
+            arg.replace(PORT_PLACEHOLDER, str(launch.port)).replace(PYTHON_PLACEHOLDER, "python")
+        )
+    return command
+
+
+def _millicores(cpu: float) -> str:
+    return f"{max(1, round(cpu * 1000))}m"
+
+
+def replica_set_manifests(
+    spec: ReplicaSetSpec, namespace: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Deployment and the Service of a replica set, as the API server takes them.
+
+    Pure: the same spec gives the same manifests. Refuses (`InvalidReplicaSpec`) a spec
+    without an image or whose command needs a local replica's model files; the launch
+    spec's `model_files` are otherwise ignored (the engine fetches its model itself).
+    """
+    launch = spec.launch
+    if not launch.image:
+        raise InvalidReplicaSpec(
+            f"replica set {spec.name}: the launch spec has no container image, which "
+            "replicas on Kubernetes need"
+        )
+    command = _container_command(spec)
+    labels = _replica_set_labels(spec)
+    selector = {LABEL_ENDPOINT: str(spec.endpoint_id)}
+    resources = launch.resources
+    requests = {"cpu": _millicores(resources.cpu), "memory": f"{resources.memory_mb}Mi"}
+    limits = dict(requests)
+    if resources.gpus > 0:
+        limits[resources.gpu_resource] = str(resources.gpus)
+    health = {"path": launch.health_path, "port": launch.port, "scheme": "HTTP"}
+    container: dict[str, Any] = {
+        "name": ENGINE_CONTAINER,
+        "image": launch.image,
+        "command": command,
+        "env": [{"name": key, "value": launch.env[key]} for key in sorted(launch.env)],
+        "ports": [{"name": "http", "containerPort": launch.port, "protocol": "TCP"}],
+        "resources": {"requests": requests, "limits": limits},
+        # Liveness and readiness wait for the startup probe, which allows the whole
+        # startup timeout (image pull aside: a pod pulling its image is not started yet).
+        "startupProbe": {
+            "httpGet": health,
+            "periodSeconds": _STARTUP_PERIOD_S,
+            "timeoutSeconds": 5,
+            "failureThreshold": max(1, math.ceil(launch.startup_timeout_s / _STARTUP_PERIOD_S)),
+        },
+        "readinessProbe": {
+            "httpGet": health,
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": health,
+            "periodSeconds": 10,
+            "timeoutSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [],
+    }
+    # Always present, even empty: a merge patch replaces lists but leaves absent keys
+    # alone, so a template that no longer needs a volume must say so.
+    volumes: list[dict[str, Any]] = []
+    if resources.gpus > 0:
+        # The container runtime's 64 MiB /dev/shm is too small for PyTorch and NCCL, which
+        # GPU engines (vLLM) pass tensors between processes through.
+        volumes.append({"name": _SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": _SHM_VOLUME, "mountPath": "/dev/shm"})
+    deployment: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": spec.name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            # Start the new replica before stopping an old one, so a rollout never lowers
+            # the serving capacity.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [container],
+                    "volumes": volumes,
+                    # The engine needs no API access, nor env vars naming every Service.
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": spec.name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "http", "port": SERVICE_PORT, "targetPort": launch.port, "protocol": "TCP"}
+            ],
+        },
+    }
+    return deployment, service
+
+
+def _not_running(state: Any) -> tuple[bool, str, str] | None:
+    """(terminated?, reason, "reason: message") of a container state other than running."""
+    if state is None:
+        return None
+    if state.waiting is not None:
+        reason = str(state.waiting.reason or "")
+        return False, reason, ": ".join(p for p in (reason, state.waiting.message) if p)
+    if state.terminated is not None:
+        terminated = state.terminated
+        reason = str(terminated.reason or "")
+        text = ": ".join(p for p in (reason, terminated.message) if p)
+        code = f"exit code {terminated.exit_code}"
+        return True, reason, f"{text} ({code})" if text else code
+    return None
+
+
+def _base_url(pod_ip: str, port: int) -> str:
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{port}"
+
+
+def _pod_replica(pod: Any, spec: ReplicaSetSpec, now: datetime) -> ReplicaInfo:
+    """One pod as a replica: its state, address and why it is not ready."""
+    status = pod.status
+    phase = status.phase if status is not None else None
+    conditions = (status.conditions if status is not None else None) or []
+    containers = (status.container_statuses if status is not None else None) or []
+    ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
+    started_at: datetime | None = status.start_time if status is not None else None
+    exited = phase in ("Failed", "Succeeded")
+    reasons: list[str] = []
+    if status is not None and (status.reason or status.message):
+        # Pod-level: "Evicted: The node was low on resource: memory."
+        reasons.append(": ".join(p for p in (status.reason, status.message) if p))
+    for condition in conditions:
+        if condition.type == "PodScheduled" and condition.status == "False":
+            # "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+            reasons.append(": ".join(p for p in (condition.reason, condition.message) if p))
+    for container in containers:
+        current = _not_running(container.state)
+        if current is not None:
+            terminated, reason, text = current
+            if terminated or reason in _FAILED_WAITING:
+                exited = True
+            reasons.append(text)
+        last = _not_running(container.last_state)
+        if last is not None and last[0] and not ready:
+            reasons.append(f"last exit: {last[2]}")
+    if exited:
+        state = ReplicaState.EXITED
+    elif ready:
+        state = ReplicaState.READY
+    elif (
+        started_at is not None
+        and (now - started_at).total_seconds() > spec.launch.startup_timeout_s
+    ):
+        state = ReplicaState.UNHEALTHY
+    else:
+        state = ReplicaState.STARTING
+    pod_ip = status.pod_ip if status is not None else None
+    return ReplicaInfo(
+        name=str(pod.metadata.name),
+        state=state,
+        url=_base_url(str(pod_ip), spec.launch.port) if pod_ip else None,
+        port=spec.launch.port,
+        node=(pod.spec.node_name if pod.spec is not None else None) or None,
+        started_at=started_at,
+        restarts=sum(int(c.restart_count or 0) for c in containers),
+        reason="; ".join(r for r in reasons if r),
+    )
+
+
 class KubernetesProvider:
     """A `ClusterProvider` for one Kubernetes or OpenShift cluster.
 
@@ -680,3 +921,155 @@ class KubernetesProvider:
             f"DELETE /api/v1/namespaces/{ns}", core.delete_namespace, ns, tolerate=_MISSING
         )
         return [f"namespace/{ns}"] if deleted is not None else []
+
+    # -- replica sets ----------------------------------------------------------------------
+
+    async def ensure_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        """Create the set's Deployment and Service, or patch them to the spec.
+
+        The Deployment controller keeps the count: it replaces failed pods and removes
+        extras itself, so this only states the desired replicas and pod template.
+        """
+        deployment, service = replica_set_manifests(spec, self.namespace)
+        apps = k8s.AppsV1Api(self._api)
+        core = k8s.CoreV1Api(self._api)
+        ns = self.namespace
+        await self._create_or_patch(
+            f"apis/apps/v1/namespaces/{ns}/deployments",
+            apps.create_namespaced_deployment,
+            apps.patch_namespaced_deployment,
+            deployment,
+            {
+                "metadata": {"labels": deployment["metadata"]["labels"]},
+                "spec": {
+                    key: deployment["spec"][key]
+                    for key in ("replicas", "strategy", "revisionHistoryLimit", "template")
+                },
+            },
+        )
+        await self._create_or_patch(
+            f"api/v1/namespaces/{ns}/services",
+            core.create_namespaced_service,
+            core.patch_namespaced_service,
+            service,
+            # Not the whole spec: the cluster IP the server assigned must stay.
+            {
+                "metadata": {"labels": service["metadata"]["labels"]},
+                "spec": {key: service["spec"][key] for key in ("selector", "ports")},
+            },
+        )
+        return await self.list_replicas(spec)
+
+    async def _create_or_patch(
+        self,
+        collection: str,
+        create: Callable[..., Any],
+        patch: Callable[..., Any],
+        manifest: dict[str, Any],
+        changes: dict[str, Any],
+    ) -> None:
+        name = manifest["metadata"]["name"]
+        created = await self._call(
+            f"POST /{collection}", create, self.namespace, manifest, tolerate=_EXISTS
+        )
+        if created is not None:
+            return
+        patched = await self._call(
+            f"PATCH /{collection}/{name}",
+            patch,
+            name,
+            self.namespace,
+            changes,
+            _content_type=_MERGE_PATCH,
+            tolerate=_MISSING,
+        )
+        if patched is None:
+            # Deleted between our create and patch: the retried call creates it.
+            raise ClusterUnreachable(f"{collection}/{name} vanished while being updated; retry")
+
+    async def list_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        pods = await self._pods(f"{LABEL_ENDPOINT}={spec.endpoint_id}")
+        now = datetime.now(UTC)
+        return [_pod_replica(pod, spec, now) for pod in pods]
+
+    async def _pods(self, selector: str) -> list[Any]:
+        """The pods matching `selector`, by name, without those being deleted (the
+        Deployment has already replaced them)."""
+        core = k8s.CoreV1Api(self._api)
+        answer = await self._call(
+            f"GET /api/v1/namespaces/{self.namespace}/pods",
+            core.list_namespaced_pod,
+            self.namespace,
+            label_selector=selector,
+        )
+        pods = [pod for pod in (answer.items or []) if pod.metadata.deletion_timestamp is None]
+        return sorted(pods, key=lambda pod: str(pod.metadata.name))
+
+    async def delete_replicas(self, name: str) -> list[str]:
+        apps = k8s.AppsV1Api(self._api)
+        core = k8s.CoreV1Api(self._api)
+        ns = self.namespace
+        removed: list[str] = []
+        # Background: the garbage collector removes the ReplicaSets and pods after.
+        deleted = await self._call(
+            f"DELETE /apis/apps/v1/namespaces/{ns}/deployments/{name}",
+            apps.delete_namespaced_deployment,
+            name,
+            ns,
+            propagation_policy="Background",
+            tolerate=_MISSING,
+        )
+        if deleted is not None:
+            removed.append(f"deployment/{ns}/{name}")
+        deleted = await self._call(
+            f"DELETE /api/v1/namespaces/{ns}/services/{name}",
+            core.delete_namespaced_service,
+            name,
+            ns,
+            tolerate=_MISSING,
+        )
+        if deleted is not None:
+            removed.append(f"service/{ns}/{name}")
+        return removed
+
+    async def replica_logs(self, name: str, replica: str | None, tail: int) -> dict[str, str]:
+        pods = await self._pods(f"{APP_NAME_LABEL}={name}")
+        names = [str(pod.metadata.name) for pod in pods]
+        if replica is not None:
+            if replica not in names:
+                raise ReplicaNotFound(f"replica set {name} has no replica {replica}")
+            names = [replica]
+        return {pod: await self._pod_log(pod, tail) for pod in names}
+
+    async def _pod_log(self, pod: str, tail: int) -> str:
+        core = k8s.CoreV1Api(self._api)
+        what = f"GET /api/v1/namespaces/{self.namespace}/pods/{pod}/log"
+        for previous in (False, True):
+            # 400: the container is waiting (starting, or crash-looping: then the previous
+            # container's log tells why it exited). 404: the pod went away meanwhile.
+            text = await self._call(
+                what,
+                _read_log,
+                core,
+                pod,
+                self.namespace,
+                container=ENGINE_CONTAINER,
+                tail_lines=max(tail, 0),
+                limit_bytes=_MAX_LOG_BYTES,
+                previous=previous,
+                tolerate=frozenset({400, 404}),
+            )
+            if text is not None:
+                return str(text)
+        return ""
+
+
+def _read_log(core: Any, pod: str, namespace: str, **kwargs: Any) -> str:
+    """The log as text. The client's own decoding turns a plain-text body into the repr of
+    its bytes ("b'...'"), so the body is read raw and decoded here."""
+    response = core.read_namespaced_pod_log(pod, namespace, _preload_content=False, **kwargs)
+    try:
+        data: bytes = response.data
+    finally:
+        response.release_conn()
+    return data.decode("utf-8", errors="replace")

@@ -7,6 +7,9 @@ started with an argument vector (never a shell) and awaited with a timeout, so a
 driver cannot stall the event loop or the activity that called us.
 
 The output parsers are pure functions so they can be tested on captured outputs.
+
+Replica sets (`ReplicaProvider`) are supervised processes kept under `replicas_dir`; the
+machinery lives in `local_replicas`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from pathlib import Path
 
 import psutil
 
-from control_plane.clusters.providers.base import ClusterUnreachable, InvalidClusterConfig
+from control_plane.clusters.providers.base import (
+    ClusterUnreachable,
+    InvalidClusterConfig,
+    ProviderError,
+)
+from control_plane.clusters.providers.local_replicas import LocalReplicas
 from workflows.contracts.clusters import (
     AcceleratorInfo,
     ClusterKind,
@@ -35,6 +43,7 @@ from workflows.contracts.clusters import (
     Platform,
     PrepareResult,
 )
+from workflows.contracts.endpoints import ReplicaInfo, ReplicaSetSpec
 
 GPU_QUERY_FIELDS = "index,name,memory.total,memory.used,driver_version"
 DEFAULT_COMMAND_TIMEOUT = 10.0
@@ -166,7 +175,9 @@ class LocalProvider:
     """This machine as a one-node cluster.
 
     `nvidia_smi` is the binary name or path (tests point it at a script); `work_dir` is
-    the directory replicas will work in, created by `prepare` when given.
+    the directory replicas will work in, created by `prepare` when given;
+    `replicas_dir` is where replica sets keep their state and logs (without it, the
+    replica set methods raise `ProviderError`).
     """
 
     kind = ClusterKind.LOCAL
@@ -177,11 +188,15 @@ class LocalProvider:
         nvidia_smi: str = "nvidia-smi",
         work_dir: Path | None = None,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        replicas_dir: Path | None = None,
     ) -> None:
         self._nvidia_smi = nvidia_smi
         self._work_dir = work_dir
         self._timeout = command_timeout
         self._hostname = socket.gethostname()
+        self._replicas = (
+            LocalReplicas(replicas_dir, node=self._hostname) if replicas_dir is not None else None
+        )
 
     @property
     def server_url(self) -> str:
@@ -284,6 +299,25 @@ class LocalProvider:
         # cluster is deleted, and the work directory may hold user data (downloaded
         # weights, logs) that deleting a cluster record must never destroy.
         return []
+
+    def _replica_sets(self) -> LocalReplicas:
+        if self._replicas is None:
+            raise ProviderError(
+                "this local provider has no replicas directory: it cannot run replica sets"
+            )
+        return self._replicas
+
+    async def ensure_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        return await self._replica_sets().ensure_replicas(spec)
+
+    async def list_replicas(self, spec: ReplicaSetSpec) -> list[ReplicaInfo]:
+        return await self._replica_sets().list_replicas(spec)
+
+    async def delete_replicas(self, name: str) -> list[str]:
+        return await self._replica_sets().delete_replicas(name)
+
+    async def replica_logs(self, name: str, replica: str | None, tail: int) -> dict[str, str]:
+        return await self._replica_sets().replica_logs(name, replica, tail)
 
 
 def _ensure_writable_dir(path: Path) -> bool:

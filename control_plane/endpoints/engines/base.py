@@ -43,6 +43,8 @@ class ModelInfo(BaseModel):
     weights_bytes: int | None = None
     kv_cache_bytes_per_token: int | None = None
     modality: str | None = None
+    # One replica's memory (weights + KV cache for the context), when the metadata says.
+    memory_mb: int | None = None
     files: ModelFiles | None = None
 
 
