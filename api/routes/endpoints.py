@@ -47,7 +47,7 @@ def service(state: StateDep, session: SessionDep) -> EndpointService:
     "",
     response_model=EndpointRead,
     status_code=status.HTTP_202_ACCEPTED,
-    responses=problems(401, 403, 404, 409, 422, 503),
+    responses=problems(401, 403, 404, 409, 503),
 )
 async def create_endpoint(
     body: EndpointCreate, principal: CurrentPrincipal, state: StateDep, session: SessionDep

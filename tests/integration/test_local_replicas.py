@@ -80,6 +80,13 @@ def replica_set(launch: LaunchSpec, replicas: int) -> ReplicaSetSpec:
     )
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -162,7 +169,9 @@ class TestStarting:
         spec = replica_set(simulator(), 1)
         (replica,) = await ready(provider, spec)
 
-        record = ReplicaRecord.model_validate_json((replicas_dir / spec.name / "0.json").read_text())
+        record = ReplicaRecord.model_validate_json(
+            (replicas_dir / spec.name / "0.json").read_text()
+        )
         assert record.pid == replica.pid
         assert record.port == replica.port
         assert record.url == replica.url
@@ -195,7 +204,7 @@ class TestStarting:
         launch = program("pass", env={"WEIGHTS": "{model_dir}/model.safetensors"})
         with pytest.raises(ProviderError, match=r"\{model_dir\}"):
             await provider.ensure_replicas(replica_set(launch, 1))
-        assert not replicas_dir.exists()
+        assert not await asyncio.to_thread(replicas_dir.exists)
 
     async def test_a_provider_without_replicas_dir_refuses(self) -> None:
         with pytest.raises(ProviderError, match="replicas directory"):
@@ -207,9 +216,7 @@ class TestStarting:
             taken.listen()
             taken_port = taken.getsockname()[1]
             ports = iter([taken_port])
-            replicas = LocalReplicas(
-                replicas_dir, pick_port=lambda: next(ports, 0) or _free_port()
-            )
+            replicas = LocalReplicas(replicas_dir, pick_port=lambda: next(ports, 0) or free_port())
             spec = replica_set(simulator(), 1)
             await replicas.ensure_replicas(spec)
             (replica,) = await wait_for(replicas, spec, all_ready(1))
@@ -219,13 +226,6 @@ class TestStarting:
         log = (replicas_dir / spec.name / "0.log").read_text()
         assert log.count(MARKER) == 2
         assert "address already in use" in log
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class TestAdoption:
@@ -252,8 +252,9 @@ class TestAdoption:
             "from workflows.contracts.endpoints import ReplicaSetSpec\n"
             "async def main():\n"
             "    spec = ReplicaSetSpec.model_validate_json(sys.argv[2])\n"
-            "    infos = await LocalProvider(replicas_dir=Path(sys.argv[1])).ensure_replicas(spec)\n"
-            "    print(json.dumps([i.pid for i in infos]), flush=True)\n"
+            "    provider = LocalProvider(replicas_dir=Path(sys.argv[1]))\n"
+            "    infos = await provider.ensure_replicas(spec)\n"
+            "    print('pids=' + json.dumps([i.pid for i in infos]), flush=True)\n"
             "    await asyncio.sleep(600)\n"
             "asyncio.run(main())\n"
         )
@@ -268,8 +269,11 @@ class TestAdoption:
         )
         try:
             assert worker.stdout is not None
-            line = await asyncio.wait_for(worker.stdout.readline(), WITHIN)
-            (started_pid,) = json.loads(line)
+            line = b""
+            while not line.startswith(b"pids="):
+                line = await asyncio.wait_for(worker.stdout.readline(), WITHIN)
+                assert line, "the worker ended without starting its replica"
+            (started_pid,) = json.loads(line.removeprefix(b"pids="))
         finally:
             worker.kill()
             await worker.wait()
@@ -295,7 +299,7 @@ class TestAdoption:
             index=0,
             pid=os.getpid(),
             create_time=psutil.Process().create_time() - 1000,
-            port=_free_port(),
+            port=free_port(),
             url="http://127.0.0.1:1",
             started_at=datetime.now(UTC),
             fingerprint=launch_fingerprint(spec.launch),
@@ -318,7 +322,8 @@ class TestAdoption:
         (new,) = await ready(provider, changed)
 
         assert new.pid != old.pid
-        assert old.pid is not None and not running(old.pid)
+        assert old.pid is not None
+        assert not running(old.pid)
         assert new.restarts == 0
         async with httpx.AsyncClient(trust_env=False) as client:
             response = await client.get(f"{new.url}/v1/models")
@@ -357,14 +362,15 @@ class TestRepair:
 
         assert pids(after) == {f"{spec.name}-0": before[0].pid}
         removed = before[1].pid
-        assert removed is not None and not running(removed)
+        assert removed is not None
+        assert not running(removed)
         assert not (replicas_dir / spec.name / "1.json").exists()
         assert (replicas_dir / spec.name / "1.log").exists()
 
     async def test_a_replica_unhealthy_past_its_startup_timeout_is_replaced(
         self, provider: LocalProvider
     ) -> None:
-        launch = simulator().model_copy(update={"health_path": "/absent", "startup_timeout_s": 1})
+        launch = simulator().model_copy(update={"health_path": "/absent", "startup_timeout_s": 1.5})
         spec = replica_set(launch, 1)
         (started,) = await provider.ensure_replicas(spec)
         assert started.state is ReplicaState.STARTING
@@ -378,16 +384,13 @@ class TestRepair:
         assert replaced.pid != unhealthy.pid
         assert replaced.restarts == 1
 
-    async def test_concurrent_ensures_start_each_replica_once(
-        self, replicas_dir: Path
-    ) -> None:
+    async def test_concurrent_ensures_start_each_replica_once(self, replicas_dir: Path) -> None:
         spec = replica_set(simulator(), 2)
-        first, second = LocalProvider(replicas_dir=replicas_dir), LocalProvider(
-            replicas_dir=replicas_dir
+        first, second = (
+            LocalProvider(replicas_dir=replicas_dir),
+            LocalProvider(replicas_dir=replicas_dir),
         )
-        one, two = await asyncio.gather(
-            first.ensure_replicas(spec), second.ensure_replicas(spec)
-        )
+        one, two = await asyncio.gather(first.ensure_replicas(spec), second.ensure_replicas(spec))
         assert pids(one) == pids(two)
         for index in (0, 1):
             log = (replicas_dir / spec.name / f"{index}.log").read_text()
@@ -432,9 +435,7 @@ class TestLogsAndDelete:
         one = await provider.replica_logs(spec.name, f"{spec.name}-1", 1)
         assert one == {f"{spec.name}-1": "line 49"}
 
-    async def test_logs_of_an_unknown_replica_are_not_found(
-        self, provider: LocalProvider
-    ) -> None:
+    async def test_logs_of_an_unknown_replica_are_not_found(self, provider: LocalProvider) -> None:
         spec = replica_set(program(self.CHATTY), 1)
         await provider.ensure_replicas(spec)
         for unknown in (f"{spec.name}-1", f"{spec.name}-x", "other-0"):

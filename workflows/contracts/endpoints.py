@@ -186,6 +186,8 @@ class DeployEndpointRequest(BaseModel):
     autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
     # How often the workflow compares desired and actual replicas and samples load.
     reconcile_interval_s: float = Field(default=10.0, ge=0.2, le=3600)
+    # Loop iterations per run before continuing as new (sooner when Temporal suggests).
+    max_iterations: Integer = Field(default=500, ge=1)
     # Carried across continue-as-new; empty on the first run.
     carried: EndpointLoopState | None = None
 

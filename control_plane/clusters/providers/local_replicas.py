@@ -136,14 +136,18 @@ def tail_lines(path: Path, lines: int) -> str:
         return ""
     with file:
         position = file.seek(0, os.SEEK_END)
-        data = b""
+        blocks: list[bytes] = []
+        newlines = read = 0
         # One newline more than asked for proves the oldest line kept is complete.
-        while position > 0 and data.count(b"\n") <= lines and len(data) < _TAIL_MAX_BYTES:
+        while position > 0 and newlines <= lines and read < _TAIL_MAX_BYTES:
             size = min(_TAIL_BLOCK, position)
             position -= size
             file.seek(position)
-            data = file.read(size) + data
-    kept = data.splitlines()[-lines:]
+            block = file.read(size)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+            read += len(block)
+    kept = b"".join(reversed(blocks)).splitlines()[-lines:]
     return "\n".join(line.decode(errors="replace") for line in kept)
 
 
