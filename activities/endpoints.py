@@ -249,7 +249,7 @@ class EndpointActivities:
         memory_mb = resources.memory_mb
         if gpu and model is not None and model.memory_mb:
             memory_mb = model.memory_mb
-        demand = Demand(memory_mb=memory_mb, device="gpu" if gpu else "cpu")
+        demand = Demand(memory_mb=memory_mb, device="gpu" if gpu else "cpu", cpu=resources.cpu)
         ranked = rank(await placement_candidates(session, row.tenant_id), demand)
         fitting = [rec for rec in ranked if rec.fits]
         if not fitting:

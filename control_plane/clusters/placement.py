@@ -34,6 +34,8 @@ class Demand:
     memory_mb: int  # per replica (weights + KV cache)
     replicas: int = 1
     device: Literal["gpu", "cpu"] = "gpu"
+    # CPU replicas: the cores one replica asks for (a small server needs a fraction).
+    cpu: float = 1.0
 
     def __post_init__(self) -> None:
         if self.memory_mb <= 0:
@@ -42,6 +44,8 @@ class Demand:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.device not in ("gpu", "cpu"):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {self.device!r}")
+        if not self.cpu > 0:
+            raise ValueError(f"cpu must be positive, got {self.cpu}")
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,8 @@ def _cpu_fit(nodes: Sequence[NodeInfo], demand: Demand) -> _Fit:
     by_memory_only = 0
     for node in nodes:
         by_memory = max(node.allocatable_memory_mb, 0) // demand.memory_mb
-        # A replica needs at least one whole core to make progress.
-        by_cpu = max(math.floor(node.allocatable_cpu), 0)
+        # A replica needs the cores it asks for (one whole core unless it says less).
+        by_cpu = max(math.floor(node.allocatable_cpu / demand.cpu + 1e-9), 0)
         by_memory_only += by_memory
         per_node.append((node, min(by_memory, by_cpu)))
     possible = sum(count for _, count in per_node)
@@ -261,7 +265,8 @@ def _cpu_fit(nodes: Sequence[NodeInfo], demand: Demand) -> _Fit:
         cores = sum(max(node.allocatable_cpu, 0.0) for node in nodes)
         reason = (
             f"does not fit: {_one_decimal(cores)} free CPU cores hold {possible} of the "
-            f"{_plural(demand.replicas, 'replica')} (a replica needs at least 1 core)"
+            f"{_plural(demand.replicas, 'replica')} "
+            f"(a replica needs {_one_decimal(demand.cpu)} cores)"
         )
     else:
         reason = (

@@ -23,6 +23,7 @@ from control_plane.clusters.tables import Cluster
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine, create_sessionmaker, session_scope
 from control_plane.identity.tables import ProjectRole
+from control_plane.endpoints.tables import Endpoint
 from control_plane.models.tables import Model
 from control_plane.workflow_runs.repository import WorkflowRunRepository
 from tests.fixtures.identity import Actor, IdentityFactory
@@ -34,7 +35,7 @@ TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
 # Tenant-owned resources every user of the tenant reads and only tenant admins write.
 TENANT_READABLE = ("/api/v1/clusters/",)
 # Resources of a project addressed by their own id (the world's model is a project's).
-PROJECT_OWNED = ("/api/v1/models/",)
+PROJECT_OWNED = ("/api/v1/models/", "/api/v1/endpoints/")
 
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
@@ -66,6 +67,9 @@ BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("POST", "/api/v1/models/{model_id}/rescan"): None,
     ("POST", "/api/v1/models/{model_id}/license/approve"): {"reason": "ok"},
     ("POST", "/api/v1/models/{model_id}/license/reject"): {"reason": "no"},
+    ("PATCH", "/api/v1/endpoints/{endpoint_id}/autoscale"): {"min_replicas": 1, "max_replicas": 2},
+    ("POST", "/api/v1/endpoints/{endpoint_id}/scale"): {"replicas": 1},
+    ("DELETE", "/api/v1/endpoints/{endpoint_id}"): None,
 }
 
 
@@ -148,6 +152,15 @@ async def build_world(
                 status="ready",
             )
             session.add(model)
+            endpoint = Endpoint(
+                tenant_id=tenant.id,
+                project_id=project.id,
+                name="isolated",
+                engine="simulator",
+                status="running",
+                cluster_id=cluster.id,
+            )
+            session.add(endpoint)
     finally:
         await engine.dispose()
     params = {
@@ -158,6 +171,7 @@ async def build_world(
         "workflow_id": workflow_id,
         "cluster_id": str(cluster.id),
         "model_id": str(model.id),
+        "endpoint_id": str(endpoint.id),
     }
     if credential.status_code == 201:
         params["credential_id"] = credential.json()["id"]

@@ -1,0 +1,247 @@
+"""Endpoints on the `local` cluster end to end: the API starts `DeployEndpoint` on a real
+Temporal dev server, real workers start real simulator replica processes, the official
+`openai` client talks to them, a killed replica is recreated, a load burst scales the
+endpoint out and back, an idle endpoint goes to zero and a `wake` (sent with the real
+`temporal` CLI for `scale`) brings it back, and deletion removes every process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import httpx
+import openai
+import psutil
+
+from control_plane.core.config import Settings
+from tests.e2e.test_temporal_cli import temporal_cli
+from tests.fixtures.identity import IdentityFactory
+from tests.fixtures.stack import StartWorkers
+from tests.integration.test_clusters_local import onboard_local, wait_for_cluster
+from workflows.queues import ALL_QUEUES
+
+
+async def wait_for_endpoint(
+    api: httpx.AsyncClient,
+    endpoint_id: str,
+    check: Any,
+    within: float = 60,
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + within
+    body: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        response = await api.get(f"/api/v1/endpoints/{endpoint_id}")
+        body = response.json()
+        if response.status_code == 200 and check(body):
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(
+        f"{body.get('status')} {body.get('replicas_ready')}/{body.get('replicas_desired')}: "
+        f"{body.get('status_reason')}"
+    )
+
+
+def ready_urls(body: dict[str, Any]) -> list[str]:
+    return [r["url"] for r in body["replicas"] if r["state"] == "ready"]
+
+
+async def deploy(
+    api: httpx.AsyncClient, project_id: str, cluster_id: str, **fields: Any
+) -> dict[str, Any]:
+    # The cluster is named: a loaded test machine may have too little free CPU for the
+    # recommendation (placement has its own tests).
+    payload = {
+        "project_id": project_id,
+        "cluster_id": cluster_id,
+        "name": "sim",
+        "engine": "simulator",
+        "engine_args": {"ttft_ms": 0, "itl_ms": 0, "output_tokens": 5},
+        "reconcile_interval_s": 0.5,
+        **fields,
+    }
+    response = await api.post("/api/v1/endpoints", json=payload)
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def setup(
+    api: httpx.AsyncClient, identities: IdentityFactory, start_workers: StartWorkers, admin: Any
+) -> tuple[str, str]:
+    await start_workers(ALL_QUEUES)
+    cluster = await onboard_local(api)
+    await wait_for_cluster(api, cluster["id"], "available")
+    response = await api.post("/api/v1/projects", json={"name": "serving"})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"]), str(cluster["id"])
+
+
+class TestSimulatorEndpoint:
+    async def test_deploy_serve_heal_scale_and_delete(
+        self,
+        api: httpx.AsyncClient,
+        identities: IdentityFactory,
+        start_workers: StartWorkers,
+        admin: Any,
+        settings: Settings,
+    ) -> None:
+        project_id, cluster_id = await setup(api, identities, start_workers, admin)
+        created = await deploy(api, project_id, cluster_id)
+        assert created["status"] == "pending"
+        assert created["workflow_id"] == f"endpoint-{created['id']}"
+        endpoint_id = created["id"]
+
+        body = await wait_for_endpoint(api, endpoint_id, lambda b: b["status"] == "running")
+        assert body["published"]
+        assert body["replicas_ready"] == 1
+        [url] = ready_urls(body)
+
+        # The official client, plain and streaming, straight at the replica.
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        chat = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hello there"}]
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None
+        assert chat.usage.completion_tokens == 5
+        stream = await client.chat.completions.create(
+            model="sim",
+            messages=[{"role": "user", "content": "hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 5
+        await client.close()
+
+        # Kill the replica: the workflow notices, recreates it and the endpoint recovers.
+        [replica] = body["replicas"]
+        os.kill(replica["pid"], signal.SIGKILL)
+        healed = await wait_for_endpoint(
+            api,
+            endpoint_id,
+            lambda b: (
+                b["status"] == "running"
+                and b["replicas"]
+                and b["replicas"][0]["pid"] != replica["pid"]
+                and b["replicas"][0]["state"] == "ready"
+            ),
+        )
+        assert healed["replicas"][0]["restarts"] >= 1
+        assert any(e["trigger"] == "reconcile" for e in healed["scaling_events"])
+
+        # Manual scale through the API, then the `temporal` CLI sends the same signal.
+        response = await api.patch(
+            f"/api/v1/endpoints/{endpoint_id}/autoscale",
+            json={"min_replicas": 1, "max_replicas": 3},
+        )
+        assert response.status_code == 200, response.text
+        response = await api.post(f"/api/v1/endpoints/{endpoint_id}/scale", json={"replicas": 2})
+        assert response.status_code == 202, response.text
+        await wait_for_endpoint(api, endpoint_id, lambda b: b["replicas_ready"] == 2)
+        await temporal_cli(
+            settings,
+            "workflow",
+            "signal",
+            "--workflow-id",
+            f"endpoint-{endpoint_id}",
+            "--name",
+            "scale",
+            "--input",
+            '{"replicas": 3}',
+        )
+        scaled = await wait_for_endpoint(api, endpoint_id, lambda b: b["replicas_ready"] == 3)
+        assert scaled["manual_replicas"] == 3
+        pids = [r["pid"] for r in scaled["replicas"]]
+
+        logs = await api.get(f"/api/v1/endpoints/{endpoint_id}/logs", params={"tail": 5})
+        assert logs.status_code == 200
+        assert len(logs.json()["replicas"]) >= 3
+
+        # Bad input loses nothing.
+        response = await api.patch(
+            f"/api/v1/endpoints/{endpoint_id}/autoscale",
+            json={"min_replicas": 3, "max_replicas": 2},
+        )
+        assert response.status_code == 422
+        response = await api.post(f"/api/v1/endpoints/{endpoint_id}/scale", json={"replicas": 9})
+        assert response.status_code == 422
+
+        response = await api.delete(f"/api/v1/endpoints/{endpoint_id}", params={"grace_s": 0})
+        assert response.status_code == 202
+        assert response.json()["status"] == "deleting"
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await api.get(f"/api/v1/endpoints/{endpoint_id}")).status_code != 404:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+    async def test_load_burst_scales_out_then_back_and_zero_then_wake(
+        self,
+        api: httpx.AsyncClient,
+        identities: IdentityFactory,
+        start_workers: StartWorkers,
+        admin: Any,
+        settings: Settings,
+    ) -> None:
+        project_id, cluster_id = await setup(api, identities, start_workers, admin)
+        created = await deploy(
+            api,
+            project_id,
+            cluster_id,
+            name="burst",
+            # Slow tokens so requests stay in flight long enough to be seen.
+            engine_args={"ttft_ms": 200, "itl_ms": 100, "output_tokens": 20},
+            autoscale={
+                "min_replicas": 0,
+                "max_replicas": 3,
+                "target_concurrency_per_replica": 2,
+                "scale_up_window_s": 0,
+                "scale_down_stabilization_s": 3,
+                "scale_to_zero_after_s": 6,
+            },
+            replicas=1,
+        )
+        endpoint_id = created["id"]
+        body = await wait_for_endpoint(api, endpoint_id, lambda b: b["status"] == "running")
+        [url] = ready_urls(body)
+
+        async def one(client: httpx.AsyncClient) -> int:
+            response = await client.post(
+                f"{url}/v1/completions", json={"model": "burst", "prompt": "x"}
+            )
+            return response.status_code
+
+        async with httpx.AsyncClient(timeout=60) as client:
+            burst = asyncio.gather(*(one(client) for _ in range(6)))
+            scaled = await wait_for_endpoint(
+                api, endpoint_id, lambda b: b["replicas_desired"] == 3, within=15
+            )
+            assert all(code == 200 for code in await burst)
+        assert any(e["to_replicas"] == 3 for e in scaled["scaling_events"])
+
+        # Burst over: down after the stabilization window, then to zero when idle.
+        idle = await wait_for_endpoint(
+            api, endpoint_id, lambda b: b["status"] == "idle" and b["replicas"] == [], within=40
+        )
+        assert idle["published"]
+
+        # What the gateway does on the first request to an idle endpoint.
+        await temporal_cli(
+            settings,
+            "workflow",
+            "signal",
+            "--workflow-id",
+            f"endpoint-{endpoint_id}",
+            "--name",
+            "wake",
+        )
+        woken = await wait_for_endpoint(
+            api, endpoint_id, lambda b: b["status"] == "running" and b["replicas_ready"] == 1
+        )
+        assert woken["scaling_events"][0]["trigger"] == "wake"
+        await api.delete(f"/api/v1/endpoints/{endpoint_id}", params={"grace_s": 0})
