@@ -16,6 +16,7 @@ from fastapi import APIRouter, Path, Query, status
 from api.deps import CurrentPrincipal, Limit, Order, PageNo, SessionDep, StateDep
 from api.errors import problems
 from control_plane.endpoints.schemas import (
+    AutoscalePatch,
     EndpointCreate,
     EndpointDetail,
     EndpointList,
@@ -24,7 +25,6 @@ from control_plane.endpoints.schemas import (
     ScaleBody,
 )
 from control_plane.endpoints.service import EndpointService, ListFilters
-from workflows.contracts.autoscale import AutoscalePolicy
 from workflows.contracts.endpoints import EndpointStatus
 
 router = APIRouter(prefix="/api/v1/endpoints", tags=["endpoints"])
@@ -99,12 +99,14 @@ async def get_endpoint(
 )
 async def set_autoscale(
     endpoint_id: EndpointId,
-    body: AutoscalePolicy,
+    body: AutoscalePatch,
     principal: CurrentPrincipal,
     state: StateDep,
     session: SessionDep,
 ) -> EndpointRead:
-    """Replace the autoscaling policy; the endpoint's workflow applies it at once."""
+    """Change the autoscaling policy (the fields sent; the others keep their values); the
+    endpoint's workflow applies it at once. A merged policy that contradicts itself
+    (minimum above maximum) is a 409."""
     return await service(state, session).set_autoscale(principal, endpoint_id, body)
 
 

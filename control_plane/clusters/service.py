@@ -49,6 +49,7 @@ from control_plane.credentials.crypto import Vault
 from control_plane.credentials.providers import Provider
 from control_plane.credentials.repository import CredentialRepository
 from control_plane.credentials.service import reveal
+from control_plane.endpoints.repository import EndpointRepository
 from control_plane.identity.permissions import Principal, authorize
 from control_plane.identity.repository import IdentityRepository
 from control_plane.workflow_runs.service import WorkflowRunService
@@ -411,6 +412,14 @@ class ClusterService:
         workflow_id = delete_workflow_id(row.id)
         if status is ClusterStatus.DELETING:
             return ClusterRead.of(row, workflow_id=workflow_id)
+        serving = await EndpointRepository(self.session).live_on_cluster(row.id)
+        if serving:
+            names = ", ".join(sorted(e.name for e in serving)[:10])
+            raise Conflict(
+                f"cluster {row.name!r} still runs {len(serving)} endpoint(s) ({names}); "
+                "delete them first (DELETE /api/v1/endpoints/{id})",
+                endpoints=[str(e.id) for e in serving],
+            )
         self.repo.set_status(row, ClusterStatus.DELETING, "deletion requested")
         await self.repo.flush()
         await self._audit(principal, "cluster.delete", row, {"name": row.name, "force": force})

@@ -6,13 +6,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from control_plane.core.pagination import Page
 from control_plane.endpoints.tables import Endpoint, EndpointReplica, ScalingEvent
 from control_plane.identity.schemas import NO_NUL_PATTERN
-from workflows.contracts.autoscale import AutoscalePolicy
-from workflows.contracts.common import Integer
+from workflows.contracts.autoscale import MAX_WINDOW_S, AutoscalePolicy
+from workflows.contracts.common import _not_a_bool
 from workflows.contracts.endpoints import (
     EndpointStatus,
     EngineKind,
@@ -27,6 +27,35 @@ EndpointName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_NAME, pattern=r"^[a-z]([a-z0-9-]*[a-z0-9])?$"),
 ]
+
+# Bounds inside the type: on an optional field they would sit beside `anyOf` in the
+# JSON Schema, where clients (and fuzzers) ignore them.
+# (The bool refusal goes after the bounds: before them, pydantic writes the bounds into
+# the schema as unknown `ge`/`le` keywords.)
+Replicas = Annotated[int, Field(ge=0, le=1000), BeforeValidator(_not_a_bool)]
+ContextLength = Annotated[int, Field(ge=1, le=10_000_000), BeforeValidator(_not_a_bool)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_WINDOW_S, allow_inf_nan=False)]
+
+
+class AutoscalePatch(BaseModel):
+    """A partial policy: what is sent replaces those fields of the current one. A merged
+    policy that contradicts itself (min above max) is a 409 naming the conflict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: Replicas | None = None
+    max_replicas: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_not_a_bool)] | None = None
+    target_concurrency_per_replica: (
+        Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None
+    ) = None
+    scale_up_window_s: Seconds | None = None
+    scale_up_max_step: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_not_a_bool)] | None = (
+        None
+    )
+    scale_down_stabilization_s: Seconds | None = None
+    scale_to_zero_after_s: (
+        Annotated[float, Field(gt=0, le=MAX_WINDOW_S, allow_inf_nan=False)] | None
+    ) = None
 
 
 class EndpointCreate(BaseModel):
@@ -49,11 +78,9 @@ class EndpointCreate(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Engine settings; unknown keys are refused."
     )
-    context_length: Integer | None = Field(default=None, ge=1, le=10_000_000)
-    replicas: Integer | None = Field(
+    context_length: ContextLength | None = None
+    replicas: Replicas | None = Field(
         default=None,
-        ge=0,
-        le=1000,
         description="Initial replicas; default: the autoscale minimum (at least 1).",
     )
     autoscale: AutoscalePolicy | None = Field(
@@ -65,9 +92,7 @@ class EndpointCreate(BaseModel):
 class ScaleBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    replicas: Integer | None = Field(
-        ge=0, le=1000, description="Pin the replica count; null hands control back."
-    )
+    replicas: Replicas | None = Field(description="Pin the replica count; null hands control back.")
 
 
 class ReplicaRead(BaseModel):

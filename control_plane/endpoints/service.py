@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.service import RPCError, RPCStatusCode
@@ -33,6 +34,7 @@ from control_plane.credentials.service import reveal
 from control_plane.endpoints.engines.base import EngineArgsError, engine_for, parse_args
 from control_plane.endpoints.repository import SORTABLE, EndpointRepository
 from control_plane.endpoints.schemas import (
+    AutoscalePatch,
     EndpointCreate,
     EndpointDetail,
     EndpointList,
@@ -336,10 +338,16 @@ class EndpointService:
         return endpoint_workflow_id(row.id)
 
     async def set_autoscale(
-        self, principal: Principal, endpoint_id: uuid.UUID, policy: AutoscalePolicy
+        self, principal: Principal, endpoint_id: uuid.UUID, patch: AutoscalePatch
     ) -> EndpointRead:
         row = await self._require(principal, endpoint_id, "endpoints:write")
         workflow_id = self._managed(row)
+        merged = {**row.autoscale, **patch.model_dump(exclude_unset=True)}
+        try:
+            policy = AutoscalePolicy.model_validate(merged)
+        except ValidationError as err:
+            problems = "; ".join(e["msg"] for e in err.errors(include_url=False))
+            raise Conflict(f"the resulting autoscale policy is invalid: {problems}") from None
         try:
             await self.client.get_workflow_handle(workflow_id).execute_update(
                 SET_AUTOSCALE_UPDATE, policy, result_type=AutoscalePolicy

@@ -25,6 +25,7 @@ from control_plane.core.pagination import paginate
 from control_plane.core.storage import ObjectStore
 from control_plane.credentials.errors import InvalidFields
 from control_plane.credentials.repository import CredentialRepository
+from control_plane.endpoints.repository import EndpointRepository
 from control_plane.identity.permissions import Principal, authorize
 from control_plane.identity.repository import IdentityRepository
 from control_plane.identity.tables import ProjectStatus
@@ -350,6 +351,14 @@ class ModelService:
                 f"model {row.name!r} is still onboarding; cancel {workflow_id} first "
                 f"(POST /api/v1/workflows/{workflow_id}/cancel), which removes what it stored",
                 workflow_id=workflow_id,
+            )
+        serving = await EndpointRepository(self.session).live_for_model(row.id)
+        if serving:
+            names = ", ".join(sorted(e.name for e in serving)[:10])
+            raise Conflict(
+                f"model {row.name!r} is deployed by {len(serving)} endpoint(s) ({names}); "
+                "delete them first",
+                endpoints=[str(e.id) for e in serving],
             )
         row.status = ModelStatus.DELETED.value
         row.status_reason = "deleted"

@@ -166,9 +166,15 @@ class TestSimulatorEndpoint:
             f"/api/v1/endpoints/{endpoint_id}/autoscale",
             json={"min_replicas": 3, "max_replicas": 2},
         )
-        assert response.status_code == 422
+        assert response.status_code == 409
+        assert "must not exceed" in response.json()["detail"]
         response = await api.post(f"/api/v1/endpoints/{endpoint_id}/scale", json={"replicas": 9})
         assert response.status_code == 422
+
+        # The cluster cannot go while it serves the endpoint.
+        response = await api.delete(f"/api/v1/clusters/{cluster_id}")
+        assert response.status_code == 409
+        assert "sim" in response.json()["detail"]
 
         response = await api.delete(f"/api/v1/endpoints/{endpoint_id}", params={"grace_s": 0})
         assert response.status_code == 202

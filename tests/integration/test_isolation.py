@@ -22,8 +22,8 @@ from api.app import create_app
 from control_plane.clusters.tables import Cluster
 from control_plane.core.config import Settings
 from control_plane.core.db import create_engine, create_sessionmaker, session_scope
-from control_plane.identity.tables import ProjectRole
 from control_plane.endpoints.tables import Endpoint
+from control_plane.identity.tables import ProjectRole
 from control_plane.models.tables import Model
 from control_plane.workflow_runs.repository import WorkflowRunRepository
 from tests.fixtures.identity import Actor, IdentityFactory
