@@ -266,7 +266,8 @@ def _cpu_fit(nodes: Sequence[NodeInfo], demand: Demand) -> _Fit:
         reason = (
             f"does not fit: {_one_decimal(cores)} free CPU cores hold {possible} of the "
             f"{_plural(demand.replicas, 'replica')} "
-            f"(a replica needs {_one_decimal(demand.cpu)} cores)"
+            f"(a replica needs {_one_decimal(demand.cpu)} "
+            f"core{'' if demand.cpu == 1 else 's'})"
         )
     else:
         reason = (

@@ -261,9 +261,16 @@ class TestCpuDemand:
         assert not rec.fits
         assert rec.replicas_possible == 1
         assert rec.reason == (
-            "does not fit: 1.5 free CPU cores hold 1 of the 3 replicas "
-            "(a replica needs at least 1 core)"
+            "does not fit: 1.5 free CPU cores hold 1 of the 3 replicas (a replica needs 1 core)"
         )
+
+    def test_a_fractional_request_packs_several_replicas_per_core(self) -> None:
+        rec = only(
+            cluster("c", node("a", free_cpu=1.5, free_memory_gib=64)),
+            Demand(1 * GIB, replicas=6, device="cpu", cpu=0.25),
+        )
+        assert rec.fits
+        assert rec.replicas_possible == 6
 
 
 class TestNotReadyNodesIgnored:

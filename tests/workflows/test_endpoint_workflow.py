@@ -30,6 +30,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateStage,
 )
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
@@ -204,8 +205,15 @@ class Stack:
         return view
 
     async def tick(self, seconds: float) -> None:
-        """Advance workflow time; then let the iteration that woke finish its writes."""
-        await self.env.sleep(timedelta(seconds=seconds))
+        """Advance workflow time; then let the iteration that woke finish its writes.
+
+        On a loaded machine the test server's skip call can outlast its RPC deadline
+        while the workflow's activities run; the skip still happened, so carry on."""
+        try:
+            await self.env.sleep(timedelta(seconds=seconds))
+        except RPCError as err:
+            if "Timeout" not in err.message:
+                raise
         await asyncio.sleep(0.2)
 
     async def advance_until(
@@ -330,7 +338,7 @@ class TestAutoscalingInWorkflowTime:
         )
         endpoint_id, handle = await stack.deploy(policy)
         await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
-        idle = await stack.advance_until(endpoint_id, EndpointStatus.IDLE, 0, step=30, within=900)
+        idle = await stack.advance_until(endpoint_id, EndpointStatus.IDLE, 0, step=60, within=900)
         assert idle.published, "an idle endpoint stays routable: the gateway wakes it"
         assert stack.fake.replicas == {}
 
