@@ -1,6 +1,7 @@
-"""`DeployEndpoint` on the time-skipping test server: the autoscaling windows in workflow
-time (minutes pass in milliseconds), scale to zero and wake, the manual pin, policy
-updates, deletion, continue-as-new, and replay of fresh and recorded histories.
+"""`DeployEndpoint` on the time-skipping test server: the manual pin, policy updates,
+deletion, continue-as-new, a failed deploy, and replay of fresh and recorded histories.
+(The autoscaling windows are covered by the policy's unit tests and, in real time, by
+`tests/integration/test_endpoints_local.py`.)
 
 The orchestration activities are the real ones (real PostgreSQL: placement checks,
 status and scaling events are written for real). The `cp-deploy` pool is replaced at
@@ -40,7 +41,7 @@ from control_plane.core.db import create_engine, create_sessionmaker, session_sc
 from control_plane.core.storage import FileObjectStore
 from control_plane.core.temporal import data_converter
 from control_plane.credentials.crypto import load_vault
-from control_plane.endpoints.tables import Endpoint, EndpointReplica, ScalingEvent
+from control_plane.endpoints.tables import Endpoint, ScalingEvent
 from tests.fixtures.identity import IdentityFactory
 from workers.main import _workflow_runner, build_workers
 from workers.registry import POOLS, WorkerResources
@@ -50,7 +51,6 @@ from workflows.contracts.endpoints import (
     SCALE_SIGNAL,
     SET_AUTOSCALE_UPDATE,
     STATE_QUERY,
-    WAKE_SIGNAL,
     DeleteEndpointRequest,
     DeployEndpointRequest,
     EndpointStateView,
@@ -290,72 +290,6 @@ async def stack(
         await asyncio.gather(*(w.shutdown() for w in workers))
         await asyncio.gather(*tasks, return_exceptions=True)
         await engine.dispose()
-
-
-@pytest.mark.timeout(300)
-class TestAutoscalingInWorkflowTime:
-    async def test_up_at_once_down_after_the_stabilization_window(self, stack: Stack) -> None:
-        policy = AutoscalePolicy(
-            min_replicas=1,
-            max_replicas=4,
-            target_concurrency_per_replica=2,
-            scale_up_window_s=0,
-            scale_up_max_step=4,
-            scale_down_stabilization_s=300,
-        )
-        endpoint_id, handle = await stack.deploy(policy, interval=30)
-        row = await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
-        assert row.published
-        assert row.cluster_id == stack.cluster_id
-
-        stack.fake.load = 7  # ceil(7 / 2) = 4
-        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 4, step=30, within=90)
-        assert len(stack.fake.replicas) == 4
-
-        stack.fake.load = 0
-        await stack.advance_until(endpoint_id, EndpointStatus.RUNNING, 1, step=120)
-
-        events = await stack.events(endpoint_id)
-        moves = [(e.from_replicas, e.to_replicas, e.trigger) for e in events]
-        assert moves == [(1, 4, "autoscale"), (4, 1, "autoscale")]
-        up, down = events
-        assert up.metric == 7
-        # The window, then at most one reconcile interval (30 s) until the next look.
-        assert 300 <= (down.time - up.time).total_seconds() <= 335
-        async with session_scope(stack.sessions) as session:
-            replicas = (
-                await session.exec(
-                    select(EndpointReplica).where(EndpointReplica.endpoint_id == endpoint_id)
-                )
-            ).all()
-        assert [r.state for r in replicas] == ["ready"]
-
-        await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
-
-    async def test_scale_to_zero_when_idle_and_wake(self, stack: Stack) -> None:
-        policy = AutoscalePolicy(
-            min_replicas=0,
-            max_replicas=2,
-            target_concurrency_per_replica=4,
-            scale_down_stabilization_s=60,
-            scale_to_zero_after_s=300,
-        )
-        endpoint_id, handle = await stack.deploy(policy, interval=60)
-        await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
-        idle = await stack.advance_until(endpoint_id, EndpointStatus.IDLE, 0, step=100, within=900)
-        assert idle.published, "an idle endpoint stays routable: the gateway wakes it"
-        assert stack.fake.replicas == {}
-
-        await handle.signal(WAKE_SIGNAL)
-        await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
-        events = await stack.events(endpoint_id)
-        assert [(e.from_replicas, e.to_replicas, e.trigger) for e in events] == [
-            (1, 0, "autoscale"),
-            (0, 1, "wake"),
-        ]
-        # Idle from the first observation on: to zero after 300 s without load.
-        assert "idle" in events[0].reason or "zero" in events[0].reason
-        await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
 
 
 class TestMessages:
