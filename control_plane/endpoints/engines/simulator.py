@@ -90,6 +90,9 @@ class SimulatorConfig:
     max_queue: int = 256
     seed: int = 0
     max_output_tokens: int = 4096
+    # Seconds the server answers 503 ("loading") after start, as a real engine does
+    # while it loads weights: start-up, readiness and scale-out timings become realistic.
+    load_time_s: float = 0.0
 
 
 class ApiError(Exception):
@@ -490,9 +493,16 @@ class _EventStream:
 
 def create_app(config: SimulatorConfig) -> Starlette:
     simulator = Simulator(config)
+    loaded_at = time.monotonic() + config.load_time_s
+
+    def loading() -> bool:
+        return config.load_time_s > 0 and time.monotonic() < loaded_at
 
     async def generate(request: Request, chat: bool) -> Response | _EventStream:
         arrived = time.perf_counter()
+        if loading():
+            error = ApiError(503, "the model is still loading", "service_unavailable")
+            return _error(error, {"retry-after": "1"})
         try:
             job = simulator.parse(await request.body(), chat)
             await simulator.acquire()
@@ -531,7 +541,7 @@ def create_app(config: SimulatorConfig) -> Starlette:
         return Response(models_body, 200, JSON_HEADERS)
 
     async def health(request: Request) -> Response:
-        return Response(b"", 200)
+        return Response(b"", 503 if loading() else 200)
 
     async def metrics(request: Request) -> Response:
         return Response(
@@ -563,6 +573,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--max-output-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--load-time-s", type=float, default=0.0, help="answer 503 for this long after start"
+    )
     return parser
 
 
@@ -572,8 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.max_concurrency < 1 or args.max_queue < 0 or args.output_tokens < 0:
         raise SystemExit("--max-concurrency must be >= 1, --max-queue and --output-tokens >= 0")
-    if args.ttft_ms < 0 or args.itl_ms < 0:
-        raise SystemExit("--ttft-ms and --itl-ms must be >= 0")
+    if args.ttft_ms < 0 or args.itl_ms < 0 or args.load_time_s < 0:
+        raise SystemExit("--ttft-ms, --itl-ms and --load-time-s must be >= 0")
     config = SimulatorConfig(
         model=args.model,
         ttft_ms=args.ttft_ms,
@@ -583,6 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         max_queue=args.max_queue,
         seed=args.seed,
         max_output_tokens=args.max_output_tokens,
+        load_time_s=args.load_time_s,
     )
     # "auto" takes uvloop and httptools when installed (they are, via uvicorn[standard])
     # and falls back to asyncio and h11 otherwise.

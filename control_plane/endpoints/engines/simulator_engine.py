@@ -29,6 +29,7 @@ class SimulatorArgs(EngineArgs):
     max_concurrency: Integer = Field(default=8, ge=1, le=100_000)
     max_queue: Integer = Field(default=256, ge=0, le=1_000_000)
     seed: Integer = Field(default=0, ge=0, le=2**63 - 1)
+    load_time_s: float = Field(default=0.0, ge=0, le=3600)
     cpu: float = Field(default=0.25, gt=0, le=64)
     memory_mb: Integer = Field(default=128, ge=16, le=1_048_576)
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
@@ -61,6 +62,8 @@ def render(request: EngineRequest, args: SimulatorArgs) -> LaunchSpec:
         str(args.max_queue),
         "--seed",
         str(args.seed),
+        "--load-time-s",
+        str(args.load_time_s),
     ]
     return LaunchSpec(
         engine=EngineKind.SIMULATOR,
@@ -68,7 +71,7 @@ def render(request: EngineRequest, args: SimulatorArgs) -> LaunchSpec:
         command=command,
         image=args.image if request.cluster_kind is ClusterKind.KUBERNETES else None,
         resources=Resources(cpu=args.cpu, memory_mb=args.memory_mb),
-        startup_timeout_s=60.0,
+        startup_timeout_s=60.0 + args.load_time_s,
         probe_path="/v1/completions",
         probe_body={"model": request.served_model_name, "prompt": "ping", "max_tokens": 1},
     )
