@@ -488,7 +488,11 @@ class TestDockerfile:
         runs = " ".join(a for op, a in instructions if op == "RUN")
         assert "uv pip install" in runs
         assert "[test]" not in runs
-        assert "--extra" not in runs
+        # Only the inference image adds an extra: the embeddings engines' CPU torch.
+        assert re.findall(r"--extra (\S+)", runs) == ["embeddings"]
+        assert "download.pytorch.org/whl/cpu" in " ".join(
+            a for op, a in instructions if op == "ARG"
+        )
 
     def test_runs_as_a_non_root_user(self, instructions: list[tuple[str, str]]) -> None:
         args = dict(a.split("=", 1) for op, a in instructions if op == "ARG" and "=" in a)

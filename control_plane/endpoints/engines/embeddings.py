@@ -31,8 +31,8 @@ from workflows.contracts.endpoints import (
 )
 
 MODULE = "control_plane.endpoints.engines.embeddings_server"
-# The project image holds no torch; this one adds the `embeddings` extra.
-DEFAULT_IMAGE = "control-plane-embeddings:latest"
+# The `inference` target of docker/Dockerfile: the project image plus the `embeddings` extra.
+DEFAULT_IMAGE = "control-plane-inference:latest"
 # Modalities (see `control_plane.models.metadata`) a text embedding server cannot serve.
 REFUSED_MODALITIES = frozenset({"audio"})
 MIB = 1024 * 1024
