@@ -380,3 +380,57 @@ class TestManifests:
         launch = rendered(request_for(ClusterKind.LOCAL)).model_copy(update={"image": "img"})
         with pytest.raises(InvalidReplicaSpec, match=r"\{model_dir\}"):
             replica_set_manifests(spec_of(launch), "ns")
+
+
+class TestTokenAndCache:
+    def test_token_from_a_secret_and_a_shared_download_cache(self) -> None:
+        launch = rendered(hf_token_secret="hf-token", model_cache_claim="hf-cache")
+        assert launch.secret_env["HF_TOKEN"].secret == "hf-token"
+        deployment, _ = replica_set_manifests(spec_of(launch), "ns")
+        container = container_of(deployment)
+        assert {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}},
+        } in container["env"]
+        assert {"name": "HF_HOME", "value": vllm.CACHE_MOUNT_PATH} in container["env"]
+        pod = deployment["spec"]["template"]["spec"]
+        assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod[
+            "volumes"
+        ]
+        assert {"name": "model-cache", "mountPath": vllm.CACHE_MOUNT_PATH} in container[
+            "volumeMounts"
+        ]
+        # The token's value is nowhere in what the control plane sends.
+        assert "secretKeyRef" in str(container["env"])
+
+    def test_another_key_of_the_secret(self) -> None:
+        launch = rendered(hf_token_secret="tokens", hf_token_secret_key="hub.token")
+        assert launch.secret_env["HF_TOKEN"].key == "hub.token"
+        assert launch.cache_volume is None
+        assert "HF_HOME" not in launch.env
+
+    @pytest.mark.parametrize(
+        "args", [{"hf_token_secret": "hf-token"}, {"model_cache_claim": "hf-cache"}]
+    )
+    def test_refused_on_a_local_cluster(self, args: dict[str, Any]) -> None:
+        with pytest.raises(EngineArgsError, match="Kubernetes objects"):
+            rendered(request_for(cluster=ClusterKind.LOCAL), **args)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            {"hf_token_secret": "Not_A_Name"},
+            {"model_cache_claim": "-bad"},
+            {"hf_token_secret": "ok", "hf_token_secret_key": "a/b"},
+        ],
+    )
+    def test_invalid_names(self, args: dict[str, Any]) -> None:
+        with pytest.raises(ValidationError):
+            vllm.VllmArgs.model_validate(args)
+
+    def test_an_env_name_set_twice_is_refused(self) -> None:
+        launch = rendered(hf_token_secret="hf-token")
+        with pytest.raises(ValidationError, match="HF_TOKEN set both"):
+            LaunchSpec.model_validate(
+                {**launch.model_dump(), "env": {**launch.env, "HF_TOKEN": "x"}}
+            )

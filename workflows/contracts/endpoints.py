@@ -13,8 +13,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from workflows.contracts.autoscale import AutoscalePolicy, AutoscaleState
 from workflows.contracts.clusters import ClusterTarget
@@ -99,6 +100,27 @@ class Resources(BaseModel):
     gpu_resource: str = "nvidia.com/gpu"
 
 
+# A Kubernetes object name (RFC 1123 subdomain) and a Secret's key.
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]{1,253}$"
+
+
+class SecretEnv(BaseModel):
+    """An environment variable read from an existing Secret in the cluster's namespace
+    (Kubernetes only): its value never passes through the control plane."""
+
+    secret: str = Field(pattern=K8S_NAME_PATTERN, max_length=253)
+    key: str = Field(pattern=SECRET_KEY_PATTERN)
+
+
+class CacheVolume(BaseModel):
+    """An existing PersistentVolumeClaim mounted into every replica (Kubernetes only),
+    e.g. a shared model download cache that survives pod restarts."""
+
+    claim: str = Field(pattern=K8S_NAME_PATTERN, max_length=253)
+    mount_path: str = Field(pattern=r"^/[^\x00-\x1f]*$", max_length=1024)
+
+
 class ArtifactFile(BaseModel):
     """One stored model file a replica needs on its disk."""
 
@@ -121,6 +143,9 @@ class LaunchSpec(BaseModel):
     # Argument vector (never a shell), placeholders as in the module docstring.
     command: list[str]
     env: dict[str, str] = Field(default_factory=dict)
+    # Kubernetes only: env vars from Secrets, and a claim to mount (see their classes).
+    secret_env: dict[str, SecretEnv] = Field(default_factory=dict)
+    cache_volume: CacheVolume | None = None
     # The port inside the container (Kubernetes); local replicas get a free port.
     port: Integer = 8000
     health_path: str = "/health"
@@ -134,6 +159,13 @@ class LaunchSpec(BaseModel):
     # A request proving the engine serves, not only that it is up: (path, JSON body).
     probe_path: str | None = None
     probe_body: dict[str, object] | None = None
+
+    @model_validator(mode="after")
+    def _env_names_once(self) -> Self:
+        both = sorted(set(self.env) & set(self.secret_env))
+        if both:
+            raise ValueError(f"{', '.join(both)} set both as a value and from a Secret")
+        return self
 
 
 class ReplicaSetSpec(BaseModel):

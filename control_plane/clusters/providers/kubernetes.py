@@ -115,6 +115,7 @@ APP_NAME_LABEL = "app.kubernetes.io/name"
 ENGINE_CONTAINER = "engine"
 SERVICE_PORT = 80
 _SHM_VOLUME = "dshm"
+_CACHE_VOLUME = "model-cache"
 # Kubernetes sends JSON merge patches (RFC 7386) with this type: lists are replaced
 # whole, so a patched pod template loses containers, env vars and volumes it no longer has.
 _MERGE_PATCH = "application/merge-patch+json"
@@ -514,7 +515,19 @@ def replica_set_manifests(
         "name": ENGINE_CONTAINER,
         "image": launch.image,
         "command": command,
-        "env": [{"name": key, "value": launch.env[key]} for key in sorted(launch.env)],
+        "env": [{"name": key, "value": launch.env[key]} for key in sorted(launch.env)]
+        + [
+            {
+                "name": key,
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": launch.secret_env[key].secret,
+                        "key": launch.secret_env[key].key,
+                    }
+                },
+            }
+            for key in sorted(launch.secret_env)
+        ],
         "ports": [{"name": "http", "containerPort": launch.port, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},
         # Liveness and readiness wait for the startup probe, which allows the whole
@@ -547,6 +560,16 @@ def replica_set_manifests(
         # GPU engines (vLLM) pass tensors between processes through.
         volumes.append({"name": _SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"].append({"name": _SHM_VOLUME, "mountPath": "/dev/shm"})
+    if launch.cache_volume is not None:
+        volumes.append(
+            {
+                "name": _CACHE_VOLUME,
+                "persistentVolumeClaim": {"claimName": launch.cache_volume.claim},
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": _CACHE_VOLUME, "mountPath": launch.cache_volume.mount_path}
+        )
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -23,15 +23,21 @@ from control_plane.endpoints.engines.base import (
 from workflows.contracts.clusters import ClusterKind
 from workflows.contracts.common import Integer
 from workflows.contracts.endpoints import (
+    K8S_NAME_PATTERN,
     MODEL_DIR_PLACEHOLDER,
     PORT_PLACEHOLDER,
+    SECRET_KEY_PATTERN,
+    CacheVolume,
     EngineKind,
     LaunchSpec,
     Resources,
+    SecretEnv,
 )
 from workflows.contracts.models import SourceKind
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.11.0"
+# Where a `model_cache_claim` is mounted; HF_HOME points there.
+CACHE_MOUNT_PATH = "/model-cache"
 # vLLM loads a large model for minutes (download, weights, CUDA graph capture).
 DEFAULT_STARTUP_TIMEOUT_S = 900.0
 # Host memory when the weights' size is unknown, and what is added to it when known:
@@ -95,6 +101,14 @@ class VllmArgs(EngineArgs):
     # Default: from the weights' size (see `_memory_mb`).
     memory_mb: Integer | None = Field(default=None, ge=1024, le=16_777_216)
     startup_timeout_s: float = Field(default=DEFAULT_STARTUP_TIMEOUT_S, ge=60, le=86_400)
+    # Kubernetes only. A Secret in the cluster's namespace holding a Hugging Face token
+    # (for gated or private repositories), read by the pod itself: the token never
+    # passes through the control plane.
+    hf_token_secret: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=253)
+    hf_token_secret_key: str = Field(default="HF_TOKEN", pattern=SECRET_KEY_PATTERN)
+    # Kubernetes only. A PersistentVolumeClaim (ReadWriteMany for several replicas) to
+    # keep downloaded weights in, so a restarted or added pod does not download again.
+    model_cache_claim: str | None = Field(default=None, pattern=K8S_NAME_PATTERN, max_length=253)
     # More `vllm serve` arguments, as argv items ("--enforce-eager", "--seed", "7").
     extra_args: list[str] = Field(default_factory=list, max_length=64)
 
@@ -202,12 +216,29 @@ def render(request: EngineRequest, args: VllmArgs) -> LaunchSpec:
     if args.reasoning_parser:
         command += ["--reasoning-parser", args.reasoning_parser]
     command += args.extra_args
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    secret_env: dict[str, SecretEnv] = {}
+    cache: CacheVolume | None = None
+    if local and (args.hf_token_secret or args.model_cache_claim):
+        raise EngineArgsError(
+            "hf_token_secret and model_cache_claim name Kubernetes objects; a local replica "
+            "serves the stored files and needs neither"
+        )
+    if args.hf_token_secret:
+        secret_env["HF_TOKEN"] = SecretEnv(
+            secret=args.hf_token_secret, key=args.hf_token_secret_key
+        )
+    if args.model_cache_claim:
+        cache = CacheVolume(claim=args.model_cache_claim, mount_path=CACHE_MOUNT_PATH)
+        env["HF_HOME"] = CACHE_MOUNT_PATH
     return LaunchSpec(
         engine=EngineKind.VLLM,
         served_model_name=request.served_model_name,
         command=command,
         # No usage reports to vLLM's servers from tenants' replicas.
-        env={"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
+        env=env,
+        secret_env=secret_env,
+        cache_volume=cache,
         health_path="/health",
         metrics_path="/metrics",
         image=None if local else args.image,
