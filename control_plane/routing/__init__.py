@@ -1,0 +1,1 @@
+"""Routers, strategies, rate limiter and cooldown: pure logic plus Redis scripts."""
