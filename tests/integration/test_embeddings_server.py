@@ -123,6 +123,8 @@ def embed(client: openai.OpenAI, texts: list[str], **options: Any) -> list[list[
     return [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
 
 
+# Tests of this class spread over xdist workers would each start a server.
+@pytest.mark.xdist_group("embeddings-server")
 class TestRealModel:
     def test_the_model_has_384_dimensions(self, client: openai.OpenAI) -> None:
         (vector,) = embed(client, ["hello world"])

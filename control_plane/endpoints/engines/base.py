@@ -63,16 +63,21 @@ class Engine:
     kind: EngineKind
     args: type[EngineArgs]
     render: Callable[[EngineRequest, Any], LaunchSpec]
-    # Does a replica need a stored model (embeddings, vllm) or not (simulator)?
+    # Does a replica need a stored model (embeddings, vllm, transformers) or not (simulator)?
     needs_model: bool
     description: str
 
 
 def _registry() -> dict[EngineKind, Engine]:
-    # Imported here: engine modules import this one for `EngineArgs`.
-    from control_plane.endpoints.engines import embeddings, simulator_engine, vllm
+    # Imported here, not at the top: engine modules import this one for `EngineArgs`.
+    from control_plane.endpoints.engines import (
+        embeddings,
+        simulator_engine,
+        transformers_engine,
+        vllm,
+    )
 
-    engines = [simulator_engine.ENGINE, embeddings.ENGINE, vllm.ENGINE]
+    engines = [simulator_engine.ENGINE, embeddings.ENGINE, vllm.ENGINE, transformers_engine.ENGINE]
     return {engine.kind: engine for engine in engines}
 
 
