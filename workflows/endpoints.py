@@ -71,6 +71,10 @@ DB_RETRY = RetryPolicy(
 )
 # Replica calls talk to a cluster: retried with back-off, heartbeating.
 REPLICA_TIMEOUT = timedelta(minutes=5)
+# Between taking replicas out of the routing table and stopping them: gateways refresh
+# their tables within a second of a change.
+UNROUTE_GRACE = timedelta(seconds=2)
+DRAIN_BEFORE_STOP_PATCH = "endpoint-unroute-before-scale-down"
 REPLICA_HEARTBEAT = timedelta(seconds=10)
 REPLICA_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -440,6 +444,12 @@ class DeployEndpoint(TrackedWorkflow):
                         trigger="reconcile",
                     )
                 )
+            leaving = [
+                r for r in replicas if r.index is not None and r.index >= self._loop.replicas
+            ]
+            if leaving and workflow.patched(DRAIN_BEFORE_STOP_PATCH):
+                await self._unroute(replicas, leaving, loads, events)
+                events = []
             replicas = await self._replica_call(
                 "ensure_endpoint_replicas", self._call(), list[ReplicaInfo]
             )
@@ -448,6 +458,28 @@ class DeployEndpoint(TrackedWorkflow):
         ready = sum(1 for r in replicas if r.state is ReplicaState.READY)
         reason = f"{ready}/{self._loop.replicas} replicas ready; {decision.reason}"
         await self._save(status, reason, replicas=replicas, loads=loads, events=events)
+
+    async def _unroute(
+        self,
+        replicas: list[ReplicaInfo],
+        leaving: list[ReplicaInfo],
+        loads: dict[str, float],
+        events: list[ScalingEventRecord],
+    ) -> None:
+        """Take replicas about to be stopped out of the routing table first, and give
+        gateways the time to see it, so no new request goes to a stopping replica (the
+        requests they already hold finish: replicas stop gracefully)."""
+        staying = [r for r in replicas if r not in leaving]
+        ready = sum(1 for r in staying if r.state is ReplicaState.READY)
+        names = ", ".join(r.name for r in leaving)
+        await self._save(
+            status_after(self._loop.replicas, staying, self._loop.status, False),
+            f"{ready}/{self._loop.replicas} replicas ready; draining {names}",
+            replicas=staying,
+            loads=loads,
+            events=events,
+        )
+        await workflow.sleep(UNROUTE_GRACE)
 
     async def _observe(self) -> Observation | None:
         try:

@@ -243,11 +243,17 @@ class TestSimulatorEndpoint:
             assert all(code == 200 for code in await burst)
         assert any(e["to_replicas"] == 3 for e in scaled["scaling_events"])
 
-        # Burst over: down after the stabilization window, then to zero when idle.
-        idle = await wait_for_endpoint(
-            api, endpoint_id, lambda b: b["status"] == "idle" and b["replicas"] == [], within=40
-        )
+        # Burst over: down after the stabilization window, then to zero when idle. Each
+        # replica leaves the routing table (the API's list) before it is stopped.
+        reasons: list[str] = []
+
+        def idle_now(body: dict[str, Any]) -> bool:
+            reasons.append(body["status_reason"])
+            return body["status"] == "idle" and body["replicas"] == []
+
+        idle = await wait_for_endpoint(api, endpoint_id, idle_now, within=40)
         assert idle["published"]
+        assert any("draining" in reason for reason in reasons), reasons
 
         # What the gateway does on the first request to an idle endpoint.
         await temporal_cli(
