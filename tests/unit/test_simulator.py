@@ -154,6 +154,29 @@ async def test_unhealthy_and_refusing_while_loading() -> None:
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
+async def test_injected_failures_follow_the_rate_and_seed() -> None:
+    async def statuses(seed: int) -> list[int]:
+        async with client_for(fail_rate=0.5, seed=seed) as client:
+            return [
+                (await client.post("/v1/chat/completions", json=CHAT)).status_code
+                for _ in range(40)
+            ]
+
+    first = await statuses(1)
+    assert set(first) == {200, 500}
+    assert 8 <= first.count(500) <= 32
+    assert await statuses(1) == first
+
+
+async def test_injected_rate_limit_carries_retry_after() -> None:
+    async with client_for(fail_rate=1, fail_status=429, fail_retry_after_s=7) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "7"
+        # A bad body is still a 400: injection applies to valid requests only.
+        assert (await client.post("/v1/chat/completions", content=b"{")).status_code == 400
+
+
 async def test_full_queue_is_429_and_metrics_follow_requests() -> None:
     async with client_for(ttft_ms=300, max_concurrency=1, max_queue=0) as c:
         slow = asyncio.create_task(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}))

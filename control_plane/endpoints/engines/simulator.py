@@ -93,6 +93,14 @@ class SimulatorConfig:
     # Seconds the server answers 503 ("loading") after start, as a real engine does
     # while it loads weights: start-up, readiness and scale-out timings become realistic.
     load_time_s: float = 0.0
+    # Failure injection, to exercise what sits in front (retries, cooldowns, fallbacks):
+    # this share of requests is answered `fail_status` (with `Retry-After:
+    # fail_retry_after_s` on a 429), drawn from a generator seeded with `seed`; and with
+    # `fail_mid_stream` a stream breaks off (connection dropped) after its first token.
+    fail_rate: float = 0.0
+    fail_status: int = 500
+    fail_retry_after_s: int = 1
+    fail_mid_stream: bool = False
 
 
 class ApiError(Exception):
@@ -193,6 +201,7 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.registry = CollectorRegistry()
+        self._failures = random.Random(config.seed)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._waiting = 0
         self._running = 0
@@ -289,6 +298,15 @@ class Simulator:
             await slots.acquire()
         self._running += 1
         self.running.inc()
+
+    def injected_failure(self) -> ApiError | None:
+        rate = self.config.fail_rate
+        if rate <= 0 or (rate < 1 and self._failures.random() >= rate):
+            return None
+        status = self.config.fail_status
+        if status == 429:
+            return ApiError(429, "injected rate limit", "rate_limit_error", code="rate_limited")
+        return ApiError(status, "injected failure", "server_error")
 
     def release(self) -> None:
         self._running -= 1
@@ -481,6 +499,9 @@ class _EventStream:
             last = index == len(tokens) - 1
             await send(event([choice(token, reason if last else None)]))
             sent += 1
+            if config.fail_mid_stream:
+                # The server drops the connection: the client sees a truncated stream.
+                raise ConnectionAbortedError("injected failure in the middle of a stream")
         simulator.finish(job, self.arrived, first, sent, reason)
         if reason == "abort":
             return
@@ -505,6 +526,10 @@ def create_app(config: SimulatorConfig) -> Starlette:
             return _error(error, {"retry-after": "1"})
         try:
             job = simulator.parse(await request.body(), chat)
+            failure = simulator.injected_failure()
+            if failure is not None:
+                retry = str(config.fail_retry_after_s) if failure.status == 429 else None
+                return _error(failure, {"retry-after": retry} if retry else None)
             await simulator.acquire()
         except ApiError as error:
             return _error(error, {"retry-after": "1"} if error.status == 429 else None)
@@ -576,6 +601,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-time-s", type=float, default=0.0, help="answer 503 for this long after start"
     )
+    parser.add_argument("--fail-rate", type=float, default=0.0, help="share of requests failed")
+    parser.add_argument("--fail-status", type=int, default=500)
+    parser.add_argument("--fail-retry-after-s", type=int, default=1)
+    parser.add_argument("--fail-mid-stream", action="store_true")
     return parser
 
 
@@ -587,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--max-concurrency must be >= 1, --max-queue and --output-tokens >= 0")
     if args.ttft_ms < 0 or args.itl_ms < 0 or args.load_time_s < 0:
         raise SystemExit("--ttft-ms, --itl-ms and --load-time-s must be >= 0")
+    if not 0 <= args.fail_rate <= 1 or not 400 <= args.fail_status <= 599:
+        raise SystemExit("--fail-rate must be in [0, 1] and --fail-status in [400, 599]")
     config = SimulatorConfig(
         model=args.model,
         ttft_ms=args.ttft_ms,
@@ -597,6 +628,10 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         max_output_tokens=args.max_output_tokens,
         load_time_s=args.load_time_s,
+        fail_rate=args.fail_rate,
+        fail_status=args.fail_status,
+        fail_retry_after_s=args.fail_retry_after_s,
+        fail_mid_stream=args.fail_mid_stream,
     )
     # "auto" takes uvloop and httptools when installed (they are, via uvicorn[standard])
     # and falls back to asyncio and h11 otherwise.

@@ -30,6 +30,11 @@ class SimulatorArgs(EngineArgs):
     max_queue: Integer = Field(default=256, ge=0, le=1_000_000)
     seed: Integer = Field(default=0, ge=0, le=2**63 - 1)
     load_time_s: float = Field(default=0.0, ge=0, le=3600)
+    # Failure injection (testing what sits in front): see the simulator's module.
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    fail_status: Integer = Field(default=500, ge=400, le=599)
+    fail_retry_after_s: Integer = Field(default=1, ge=0, le=3600)
+    fail_mid_stream: bool = False
     cpu: float = Field(default=0.25, gt=0, le=64)
     memory_mb: Integer = Field(default=128, ge=16, le=1_048_576)
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
@@ -64,7 +69,15 @@ def render(request: EngineRequest, args: SimulatorArgs) -> LaunchSpec:
         str(args.seed),
         "--load-time-s",
         str(args.load_time_s),
+        "--fail-rate",
+        str(args.fail_rate),
+        "--fail-status",
+        str(args.fail_status),
+        "--fail-retry-after-s",
+        str(args.fail_retry_after_s),
     ]
+    if args.fail_mid_stream:
+        command.append("--fail-mid-stream")
     return LaunchSpec(
         engine=EngineKind.SIMULATOR,
         served_model_name=request.served_model_name,
