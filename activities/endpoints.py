@@ -17,12 +17,14 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
@@ -46,6 +48,7 @@ from control_plane.endpoints.repository import EndpointRepository
 from control_plane.endpoints.tables import Endpoint
 from control_plane.models.metadata import memory_mb_for
 from control_plane.models.repository import ModelRepository
+from control_plane.routing.changes import ChangeKind, publish_change
 from workflows.contracts.clusters import ClusterKind, ClusterStatus, ClusterTarget
 from workflows.contracts.endpoints import (
     ENDPOINT_GONE,
@@ -113,6 +116,17 @@ async def _beat_while(task: asyncio.Future[Any]) -> Any:
             return task.result()
 
 
+def _ready_routes(replicas: Sequence[ReplicaInfo] | None) -> frozenset[tuple[str, str | None]]:
+    """What the gateway routes to: the ready replicas' names and URLs."""
+    return frozenset((r.name, r.url) for r in replicas or () if r.state is ReplicaState.READY)
+
+
+async def _routes(repo: EndpointRepository, endpoint_id: Any) -> frozenset[tuple[str, str | None]]:
+    return frozenset(
+        (r.name, r.url) for r in await repo.replicas(endpoint_id) if r.state == ReplicaState.READY
+    )
+
+
 class EndpointActivities:
     def __init__(
         self,
@@ -121,11 +135,13 @@ class EndpointActivities:
         objects: ObjectStore,
         *,
         model_cache: Path,
+        redis: Redis | None = None,
     ) -> None:
         self.sessions = sessions
         self.clusters = clusters
         self.objects = objects
         self.model_cache = model_cache
+        self.redis = redis
 
     # --- orchestration pool ---------------------------------------------------------
 
@@ -278,7 +294,7 @@ class EndpointActivities:
             current = EndpointStatus(row.status)
             if current in snapshot.unless_in:
                 return current
-            routing_before = (row.published, row.replicas_ready, row.status)
+            routing_before = (row.published, row.status, await _routes(repo, row.id))
             row.status = snapshot.status.value
             row.status_reason = snapshot.reason[:2000]
             row.replicas_desired = snapshot.replicas_desired
@@ -295,7 +311,11 @@ class EndpointActivities:
                     1 for r in snapshot.replicas if r.state is ReplicaState.READY
                 )
             repo.add_events(row, snapshot.events)
-            if (row.published, row.replicas_ready, row.status) != routing_before:
+            routes = (
+                routing_before[2] if snapshot.replicas is None else _ready_routes(snapshot.replicas)
+            )
+            rerouted = (row.published, row.status, routes) != routing_before
+            if rerouted:
                 row.routing_version += 1
             session.add(row)
             if current is not snapshot.status:
@@ -306,7 +326,10 @@ class EndpointActivities:
                     previous=current.value,
                     reason=snapshot.reason,
                 )
-            return snapshot.status
+        # After the commit: a gateway that reloads on the notice must see the new state.
+        if rerouted and self.redis is not None:
+            await publish_change(self.redis, ChangeKind.ENDPOINT, snapshot.endpoint_id)
+        return snapshot.status
 
     # --- deploy pool ----------------------------------------------------------------
 

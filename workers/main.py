@@ -24,6 +24,7 @@ from control_plane.core.codec import payload_codec
 from control_plane.core.config import Settings, WorkerSettings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import get_logger
+from control_plane.core.redis import create_redis
 from control_plane.core.storage import create_object_store
 from control_plane.credentials.crypto import load_vault
 from control_plane.models.schedules import ensure_model_schedules
@@ -112,6 +113,7 @@ async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
         data_dir=settings.data_dir,
         objects=objects,
         models=settings.models,
+        redis=create_redis(settings.redis),
     )
     if Queue.ORCHESTRATION in queues:
         await ensure_model_schedules(
@@ -142,6 +144,8 @@ async def run_workers(settings: Settings, queues: Sequence[Queue]) -> None:
     stopped.cancel()
     await engine.dispose()
     await objects.close()
+    if resources.redis is not None:
+        await resources.redis.aclose()
     log.info("workers.stopped", queues=names)
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures and not stop.is_set():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -41,6 +42,8 @@ class WorkerResources:
     models: ModelSettings
     # The NVIDIA tool the `local` provider asks for GPUs (absent: no GPUs).
     nvidia_smi: str = "nvidia-smi"
+    # Where routing-table change notices go (None: gateways see changes by polling).
+    redis: Redis | None = None
 
     def model_activities(self) -> ModelActivities:
         return ModelActivities(
@@ -66,6 +69,7 @@ class WorkerResources:
             self.clusters(),
             self.objects,
             model_cache=self.data_dir / "model-cache",
+            redis=self.redis,
         )
 
 
