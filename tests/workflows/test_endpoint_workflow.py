@@ -1,19 +1,35 @@
-"""`DeployEndpoint` on the time-skipping test server: the manual pin, policy updates,
-deletion, continue-as-new, a failed deploy, and replay of fresh and recorded histories.
-(The autoscaling windows are covered by the policy's unit tests and, in real time, by
-`tests/integration/test_endpoints_local.py`.)
+"""`DeployEndpoint` on the time-skipping test server: the autoscaling policy and its
+windows in workflow time (minutes pass in a few loop iterations), scale to zero and wake,
+the manual pin, policy updates, deletion, continue-as-new, a failed deploy, and replay of
+fresh and recorded histories.
 
 The orchestration activities are the real ones (real PostgreSQL: placement checks,
 status and scaling events are written for real). The `cp-deploy` pool is replaced at
 its boundary by `FakeCluster`, an in-memory replica set whose load the test sets:
 real replica processes cannot follow a clock that jumps minutes ahead (the real
 providers and the real loop are covered in `tests/integration/test_endpoints_local.py`).
+
+Each test gets a test server of its own (a native binary that starts in moments). The
+server skips time only while nothing holds its time lock, and every scheduled activity
+and workflow task holds it until completed: a workflow left with work no worker will
+ever take (its test's workers are gone) keeps time locked for good, even once terminated,
+and from then on `env.sleep` waits in real time. On the shared session server one such
+leftover (a delete update returns before the run's last bookkeeping activity), from this
+file or any other, turned a 300 s window into 300 s of wall time. The tests also delete
+their endpoints and await the workflow's end, so they leave nothing pending.
+
+The first step after a deploy is one and a half reconcile intervals, later steps whole
+intervals: each skip then ends midway between two iterations, after exactly the
+iterations it covers have written their state (time stands still while an iteration's
+activities run), so the checks after it need no polling, and a step of minutes costs
+only the real work of its few iterations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,7 +57,8 @@ from control_plane.core.db import create_engine, create_sessionmaker, session_sc
 from control_plane.core.storage import FileObjectStore
 from control_plane.core.temporal import data_converter
 from control_plane.credentials.crypto import load_vault
-from control_plane.endpoints.tables import Endpoint, ScalingEvent
+from control_plane.devstack.services import venv_binary
+from control_plane.endpoints.tables import Endpoint, EndpointReplica, ScalingEvent
 from tests.fixtures.identity import IdentityFactory
 from workers.main import _workflow_runner, build_workers
 from workers.registry import POOLS, WorkerResources
@@ -51,6 +68,7 @@ from workflows.contracts.endpoints import (
     SCALE_SIGNAL,
     SET_AUTOSCALE_UPDATE,
     STATE_QUERY,
+    WAKE_SIGNAL,
     DeleteEndpointRequest,
     DeployEndpointRequest,
     EndpointStateView,
@@ -188,59 +206,73 @@ class Stack:
             return list(rows.all())
 
     async def wait_for(
-        self, endpoint_id: uuid.UUID, status: EndpointStatus, desired: int | None = None
+        self,
+        endpoint_id: uuid.UUID,
+        status: EndpointStatus,
+        desired: int | None = None,
+        *,
+        within_s: float = 20.0,
     ) -> Endpoint:
-        row = await self.row(endpoint_id)
-        for _ in range(400):
+        """Poll (in real time) until the endpoint shows `status` (x `desired`)."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
             row = await self.row(endpoint_id)
             if row.status == status.value and desired in (None, row.replicas_desired):
                 return row
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(
+                    f"endpoint is {row.status} x{row.replicas_desired}: {row.status_reason}"
+                )
             await asyncio.sleep(0.025)
-        raise AssertionError(
-            f"endpoint is {row.status} x{row.replicas_desired}: {row.status_reason}"
-        )
+
+    async def delete(self, handle: WorkflowHandle[Any, Any]) -> None:
+        """Delete the endpoint and wait for the workflow's end: nothing is left pending."""
+        await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
+        result = await handle.result()
+        assert result["status"] == "deleted"
 
     async def state(self, handle: WorkflowHandle[Any, Any]) -> EndpointStateView:
         view: EndpointStateView = await handle.query(STATE_QUERY, result_type=EndpointStateView)
         return view
 
     async def tick(self, seconds: float) -> None:
-        """Advance workflow time; then let the iteration that woke finish its writes.
+        """Advance workflow time by `seconds`, running every timer due on the way.
 
-        On a loaded machine the test server's skip call can outlast its RPC deadline or
-        lose its HTTP/2 stream while the workflow's activities run; callers check the
-        endpoint's state after each tick, so a lost skip only costs another tick."""
+        The skip returns once the server's clock got there, and time stands still while
+        the workflow's activities run, so the iterations it covered have written their
+        state when it lands between two of them (see the module docstring). On a loaded
+        machine the skip call can outlast its RPC deadline or lose its HTTP/2 stream; the
+        skip goes on in the server regardless, so then wait for its clock to get there."""
+        target = await self.env.get_current_time() + timedelta(seconds=seconds)
         try:
             await self.env.sleep(timedelta(seconds=seconds))
         except RPCError as err:
             if "Timeout" not in err.message and "h2 protocol" not in err.message:
                 raise
-            await asyncio.sleep(1.0)
+            while True:
+                left = (target - await self.env.get_current_time()).total_seconds()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(1.0, left))
         await asyncio.sleep(0.2)
 
-    async def advance_until(
-        self,
-        endpoint_id: uuid.UUID,
-        status: EndpointStatus,
-        desired: int,
-        *,
-        step: float = 5.0,
-        within: float = 600.0,
-    ) -> Endpoint:
-        """Move workflow time on in steps until the endpoint shows `status` x `desired`."""
-        elapsed = 0.0
-        while True:
-            row = await self.row(endpoint_id)
-            if row.status == status.value and row.replicas_desired == desired:
-                return row
-            assert elapsed < within, f"{row.status} x{row.replicas_desired}: {row.status_reason}"
-            await self.tick(step)
-            elapsed += step
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A test server of this test's own: time skipping no other test can lock up."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_binary("temporal-test-server"),
+        data_converter=data_converter(),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def stack(
-    time_skipping_env: WorkflowEnvironment, settings: Settings, identities: IdentityFactory
+    skipping_env: WorkflowEnvironment, settings: Settings, identities: IdentityFactory
 ) -> AsyncIterator[Stack]:
     engine = create_engine(settings.database)
     sessions = create_sessionmaker(engine)
@@ -266,11 +298,11 @@ async def stack(
     )
     fake = FakeCluster()
     workers: list[Worker] = build_workers(
-        time_skipping_env.client, resources, [Queue.ORCHESTRATION], prefix=prefix
+        skipping_env.client, resources, [Queue.ORCHESTRATION], prefix=prefix
     )
     workers.append(
         Worker(
-            time_skipping_env.client,
+            skipping_env.client,
             task_queue=task_queue(Queue.DEPLOY, prefix),
             activities=fake.activities(),
         )
@@ -278,7 +310,7 @@ async def stack(
     tasks = [asyncio.create_task(w.run()) for w in workers]
     try:
         yield Stack(
-            env=time_skipping_env,
+            env=skipping_env,
             sessions=sessions,
             prefix=prefix,
             tenant_id=tenant.id,
@@ -290,6 +322,103 @@ async def stack(
         await asyncio.gather(*(w.shutdown() for w in workers))
         await asyncio.gather(*tasks, return_exceptions=True)
         await engine.dispose()
+
+
+class TestAutoscalingInWorkflowTime:
+    async def test_up_at_once_down_after_the_stabilization_window(self, stack: Stack) -> None:
+        interval, window = 60.0, 300.0
+        policy = AutoscalePolicy(
+            min_replicas=1,
+            max_replicas=4,
+            target_concurrency_per_replica=2,
+            scale_up_window_s=0,
+            scale_up_max_step=4,
+            scale_down_stabilization_s=window,
+        )
+        endpoint_id, handle = await stack.deploy(policy, interval=interval)
+        row = await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
+        assert row.published
+        assert row.cluster_id == stack.cluster_id
+
+        stack.fake.load = 7  # ceil(7 / 2) = 4
+        await stack.tick(1.5 * interval)  # the first look: up at once, no window
+        row = await stack.row(endpoint_id)
+        assert (row.status, row.replicas_desired) == ("running", 4), row.status_reason
+        assert len(stack.fake.replicas) == 4
+
+        stack.fake.load = 0
+        await stack.tick(interval)  # the next look sees no load: 1 wanted from here on
+        row = await stack.row(endpoint_id)
+        assert row.replicas_desired == 4, row.status_reason
+        assert "hold at 4" in row.status_reason
+        assert f"stabilizing for {window:g}s" in row.status_reason
+        await stack.tick(window - interval)  # 4 more looks, all within the window
+        row = await stack.row(endpoint_id)
+        assert row.replicas_desired == 4, row.status_reason
+        assert f"stabilizing for {window:g}s" in row.status_reason
+        await stack.tick(interval)  # the first look a whole window after the load went
+        row = await stack.row(endpoint_id)
+        assert (row.status, row.replicas_desired) == ("running", 1), row.status_reason
+        assert len(stack.fake.replicas) == 1
+
+        events = await stack.events(endpoint_id)
+        moves = [(e.from_replicas, e.to_replicas, e.trigger, e.metric) for e in events]
+        assert moves == [(1, 4, "autoscale", 7), (4, 1, "autoscale", 0)]
+        up, down = events
+        assert f"at most 1 wanted over the last {window:g}s" in down.reason
+        # The load was first seen gone one interval after the scale-up and the window
+        # runs from that look; on top, only the real time the looks took (time stands
+        # still while activities run, and runs in real time between the test's skips).
+        gap = (down.time - up.time).total_seconds()
+        assert interval + window <= gap < interval + window + interval / 2
+        async with session_scope(stack.sessions) as session:
+            replicas = (
+                await session.exec(
+                    select(EndpointReplica).where(EndpointReplica.endpoint_id == endpoint_id)
+                )
+            ).all()
+        assert [r.state for r in replicas] == ["ready"]
+        await stack.delete(handle)
+
+    async def test_scale_to_zero_when_idle_and_wake(self, stack: Stack) -> None:
+        interval, idle_after = 60.0, 300.0
+        policy = AutoscalePolicy(
+            min_replicas=0,
+            max_replicas=2,
+            target_concurrency_per_replica=4,
+            scale_down_stabilization_s=60,
+            scale_to_zero_after_s=idle_after,
+        )
+        endpoint_id, handle = await stack.deploy(policy, interval=interval)
+        await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
+
+        await stack.tick(1.5 * interval)  # the first look: no load, idle from here on
+        await stack.tick(idle_after - interval)  # 4 more looks: idle for 240 s only
+        row = await stack.row(endpoint_id)
+        assert (row.status, row.replicas_desired) == ("running", 1), row.status_reason
+        assert f"scale to zero after {idle_after:g}s" in row.status_reason
+        assert len(stack.fake.replicas) == 1
+        await stack.tick(interval)  # idle for the whole 300 s: to zero
+        idle = await stack.row(endpoint_id)
+        assert (idle.status, idle.replicas_desired) == ("idle", 0), idle.status_reason
+        assert idle.published, "an idle endpoint stays routable: the gateway wakes it"
+        assert stack.fake.replicas == {}
+        assert (await stack.state(handle)).published
+
+        await handle.signal(WAKE_SIGNAL)
+        row = await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=1)
+        assert row.published
+        assert len(stack.fake.replicas) == 1
+        events = await stack.events(endpoint_id)
+        assert [(e.from_replicas, e.to_replicas, e.trigger, e.metric) for e in events] == [
+            (1, 0, "autoscale", 0),
+            (0, 1, "wake", 1),  # the wake counts as one request waiting at the gateway
+        ]
+        # Idle from the first look on; to zero at the first look 300 s after it.
+        idle_for = re.search(r"scale to zero 1 -> 0: idle for ([0-9.]+)s", events[0].reason)
+        assert idle_for is not None, events[0].reason
+        assert idle_after <= float(idle_for[1]) < idle_after + interval / 2
+        await stack.delete(handle)
 
 
 class TestMessages:
@@ -311,7 +440,7 @@ class TestMessages:
         assert row.manual_replicas is None
         triggers = [e.trigger for e in await stack.events(endpoint_id)]
         assert triggers == ["manual", "autoscale"]
-        await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
+        await stack.delete(handle)
 
     async def test_set_autoscale_validates_and_applies(self, stack: Stack) -> None:
         endpoint_id, handle = await stack.deploy(AutoscalePolicy(min_replicas=1, max_replicas=1))
@@ -329,7 +458,7 @@ class TestMessages:
         assert applied.min_replicas == 2
         row = await stack.wait_for(endpoint_id, EndpointStatus.RUNNING, desired=2)
         assert row.autoscale["max_replicas"] == 5
-        await handle.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
+        await stack.delete(handle)
 
     async def test_delete_drains_and_removes_replicas(self, stack: Stack) -> None:
         endpoint_id, handle = await stack.deploy(
@@ -371,7 +500,7 @@ class TestMessages:
         state = await stack.state(latest)
         assert (state.manual_replicas, state.replicas_desired, state.published) == (2, 2, True)
         assert (await stack.row(endpoint_id)).status == "running"
-        await latest.execute_update(DELETE_UPDATE, DeleteEndpointRequest(grace_s=0))
+        await stack.delete(latest)
 
     async def test_engine_args_refused_at_deploy_fail_the_endpoint(self, stack: Stack) -> None:
         endpoint_id, handle = await stack.deploy(AutoscalePolicy())
