@@ -24,6 +24,7 @@ from api.routes import (
     health,
     models,
     projects,
+    routers,
     system,
     temporal_codec,
     tenants,
@@ -166,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(clusters.router)
     app.include_router(models.router)
     app.include_router(endpoints.router)
+    app.include_router(routers.router)
     app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()

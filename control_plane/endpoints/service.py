@@ -49,6 +49,7 @@ from control_plane.identity.permissions import Principal, authorize
 from control_plane.identity.repository import IdentityRepository
 from control_plane.identity.tables import ProjectStatus
 from control_plane.models.repository import ModelRepository
+from control_plane.routing.repository import RouterRepository, lock_name
 from control_plane.workflow_runs.service import WorkflowRunService
 from workflows.contracts.autoscale import AutoscalePolicy
 from workflows.contracts.clusters import ClusterKind, ClusterStatus
@@ -218,8 +219,17 @@ class EndpointService:
                 f"{initial} is outside the autoscale range "
                 f"[{policy.min_replicas}, {policy.max_replicas}]",
             )
+        # Routers and endpoints share one namespace per project (the gateway's `model`
+        # names either); the lock makes the two checks one against concurrent creators.
+        await lock_name(self.session, body.project_id, body.name)
         if await self.repo.name_taken(body.project_id, body.name):
             raise Conflict(f"an endpoint named {body.name!r} already exists", name=body.name)
+        if await RouterRepository(self.session).name_taken(body.project_id, body.name):
+            raise Conflict(
+                f"a router named {body.name!r} already exists in the project; routers and "
+                "endpoints share one namespace (clients send either name as `model`)",
+                name=body.name,
+            )
         await self._check_model(principal, body)
         await self._check_cluster(principal, body.cluster_id)
         row = Endpoint(

@@ -6,6 +6,16 @@ from control_plane.credentials import tables as credentials
 from control_plane.endpoints import tables as endpoints
 from control_plane.identity import tables as identity
 from control_plane.models import tables as models
+from control_plane.routing import tables as routing
 from control_plane.workflow_runs import tables as workflow_runs
 
-__all__ = ["audit", "clusters", "credentials", "endpoints", "identity", "models", "workflow_runs"]
+__all__ = [
+    "audit",
+    "clusters",
+    "credentials",
+    "endpoints",
+    "identity",
+    "models",
+    "routing",
+    "workflow_runs",
+]

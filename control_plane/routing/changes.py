@@ -17,7 +17,9 @@ from enum import StrEnum
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from control_plane.core.db import after_commit
 from control_plane.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -59,3 +61,15 @@ async def publish_change(redis: Redis, kind: ChangeKind, id: uuid.UUID | str) ->
         log.warning("routing.change.not_published", kind=kind.value, id=str(id), error=str(err))
         return False
     return True
+
+
+def announce_after_commit(
+    session: AsyncSession, redis: Redis, kind: ChangeKind, id: uuid.UUID | str
+) -> None:
+    """Publish the notice once the session's unit of work has committed: a gateway that
+    reloads on it must find the new state."""
+
+    async def publish(_: AsyncSession) -> None:
+        await publish_change(redis, kind, id)
+
+    after_commit(session, publish)

@@ -44,9 +44,14 @@ schemathesis.openapi.format("gcp-service-account-key", st.just(SERVICE_ACCOUNT_K
 
 # Bodies whose rules the JSON Schema cannot state: an endpoint's `engine_args` are
 # checked by the chosen engine's own model (its keys depend on `engine`), and its
-# autoscale policy and replica count must agree with each other. A 422 there is the
-# right answer to a schema-valid body; every other check still applies.
-CROSS_FIELD_RULES = {("POST", "/api/v1/endpoints")}
+# autoscale policy and replica count must agree with each other. A router's targets and
+# fallbacks each name exactly one thing, none twice, and no fallback is also a target.
+# A 422 there is the right answer to a schema-valid body; every other check still applies.
+CROSS_FIELD_RULES = {
+    ("POST", "/api/v1/endpoints"),
+    ("POST", "/api/v1/routers"),
+    ("PATCH", "/api/v1/routers/{router_id}"),
+}
 
 schema = schemathesis.openapi.from_dict(
     create_app(Settings(_env_file=None, environment="test")).openapi()

@@ -25,6 +25,8 @@ from control_plane.core.db import create_engine, create_sessionmaker, session_sc
 from control_plane.endpoints.tables import Endpoint
 from control_plane.identity.tables import ProjectRole
 from control_plane.models.tables import Model
+from control_plane.routing.schemas import CooldownSettings, RouterTarget
+from control_plane.routing.tables import Router
 from control_plane.workflow_runs.repository import WorkflowRunRepository
 from tests.fixtures.identity import Actor, IdentityFactory
 from workflows.contracts.common import Progress, ResourceRef, RunRecord, RunStatus
@@ -35,7 +37,7 @@ TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
 # Tenant-owned resources every user of the tenant reads and only tenant admins write.
 TENANT_READABLE = ("/api/v1/clusters/",)
 # Resources of a project addressed by their own id (the world's model is a project's).
-PROJECT_OWNED = ("/api/v1/models/", "/api/v1/endpoints/")
+PROJECT_OWNED = ("/api/v1/models/", "/api/v1/endpoints/", "/api/v1/routers/")
 
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
@@ -70,6 +72,8 @@ BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/endpoints/{endpoint_id}/autoscale"): {"min_replicas": 1, "max_replicas": 2},
     ("POST", "/api/v1/endpoints/{endpoint_id}/scale"): {"replicas": 1},
     ("DELETE", "/api/v1/endpoints/{endpoint_id}"): None,
+    ("PATCH", "/api/v1/routers/{router_id}"): {"description": "changed"},
+    ("DELETE", "/api/v1/routers/{router_id}"): None,
 }
 
 
@@ -161,6 +165,14 @@ async def build_world(
                 cluster_id=cluster.id,
             )
             session.add(endpoint)
+            router = Router(
+                tenant_id=tenant.id,
+                project_id=project.id,
+                name="isolated-router",
+                targets=[RouterTarget(endpoint_id=endpoint.id).model_dump(mode="json")],
+                cooldown=CooldownSettings().model_dump(mode="json"),
+            )
+            session.add(router)
     finally:
         await engine.dispose()
     params = {
@@ -172,6 +184,7 @@ async def build_world(
         "cluster_id": str(cluster.id),
         "model_id": str(model.id),
         "endpoint_id": str(endpoint.id),
+        "router_id": str(router.id),
     }
     if credential.status_code == 201:
         params["credential_id"] = credential.json()["id"]
