@@ -52,6 +52,36 @@ def api(
 
 
 @app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address (CP_GATEWAY__HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (CP_GATEWAY__PORT).")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes sharing the port (limits stay shared).")
+    ] = 1,
+) -> None:
+    """Run the OpenAI-compatible gateway (data plane)."""
+    import uvicorn
+
+    _setup_logging()
+    settings = get_settings()
+    uvicorn.run(
+        "api.gateway.main:create_gateway",
+        factory=True,
+        host=host or settings.gateway.host,
+        port=port or settings.gateway.port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        # uvloop and httptools: the gateway's own cost is per request.
+        loop="auto",
+        http="auto",
+        server_header=False,
+        date_header=False,
+    )
+
+
+@app.command()
 def worker(
     queue: Annotated[
         list[str] | None, typer.Option("--queue", "-q", help="Task queue to poll (repeatable).")

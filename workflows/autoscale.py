@@ -9,7 +9,8 @@ Rules, in order of precedence:
 2. Wake: at zero with load, go to max(1, min_replicas) at once; no window applies, the
    requests are already waiting. A windowed scale-up may take it higher still. At zero
    without load it stays there (with min_replicas == 0).
-3. Scale to zero: min_replicas == 0 and no load for `scale_to_zero_after_s`. This is its
+3. Scale to zero: min_replicas == 0 and no load for `scale_to_zero_after_s` (replicas
+   still starting count as load: they have not served yet). This is its
    own, stricter idle timer, so it does not also wait out the down stabilization.
 4. Scale up: to the lowest count wanted throughout the last `scale_up_window_s` (what the
    load justified continuously), at most `scale_up_max_step` above the current count.
@@ -95,8 +96,13 @@ def decide(
     state: AutoscaleState,
     sample: ScalingSample,
     current_replicas: int,
+    *,
+    starting_is_load: bool = True,
 ) -> tuple[Decision, AutoscaleState]:
     """The replica count for this sample, and the state to pass to the next call.
+
+    `starting_is_load` False gives the decisions of workflow histories recorded before
+    replicas still starting counted as load (replays must decide as they did).
 
     `state` is not modified. `current_replicas` is what the endpoint runs now (what was
     last applied), not what is ready.
@@ -110,7 +116,11 @@ def decide(
         now = max(now, state.history[-1].time)
 
     load = sample.load
-    active = load > 0
+    # Replicas still starting (a wake, a scale-up) count as activity: their requests
+    # wait at the gateway where no replica's metrics show them, and going back to zero
+    # before they serve would turn a wake into a loop.
+    starting = starting_is_load and sample.replicas_ready < current_replicas
+    active = load > 0 or starting or state.starting
     last_active_at = state.last_active_at
     if active or last_active_at is None:
         last_active_at = now
@@ -118,7 +128,10 @@ def decide(
     desired = desired_replicas(policy, load)
     history = _record(state.history, now, desired, policy.history_horizon_s)
     new_state = AutoscaleState(
-        history=history, last_active_at=last_active_at, manual_replicas=state.manual_replicas
+        history=history,
+        last_active_at=last_active_at,
+        manual_replicas=state.manual_replicas,
+        starting=starting,
     )
 
     current = current_replicas

@@ -75,6 +75,7 @@ REPLICA_TIMEOUT = timedelta(minutes=5)
 # their tables within a second of a change.
 UNROUTE_GRACE = timedelta(seconds=2)
 DRAIN_BEFORE_STOP_PATCH = "endpoint-unroute-before-scale-down"
+STARTING_IS_LOAD_PATCH = "autoscale-starting-replicas-are-load"
 REPLICA_HEARTBEAT = timedelta(seconds=10)
 REPLICA_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -408,7 +409,11 @@ class DeployEndpoint(TrackedWorkflow):
         self._loop.wake_pending = False
         before = self._loop.replicas
         decision, self._loop.autoscale_state = decide(
-            self._loop.autoscale, self._loop.autoscale_state, sample, before
+            self._loop.autoscale,
+            self._loop.autoscale_state,
+            sample,
+            before,
+            starting_is_load=workflow.patched(STARTING_IS_LOAD_PATCH),
         )
         self._last_decision = decision.reason
         if decision.changed:

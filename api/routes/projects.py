@@ -8,11 +8,12 @@ from typing import Literal
 
 from fastapi import APIRouter, status
 
-from api.deps import CurrentPrincipal, Limit, Order, PageNo, SessionDep
+from api.deps import CurrentPrincipal, Limit, Order, PageNo, SessionDep, StateDep
 from api.errors import problems
 from control_plane.core.pagination import Page
 from control_plane.identity import schemas
 from control_plane.identity.service import ApiKeyService, ProjectService
+from control_plane.routing.changes import ChangeKind, announce_after_commit
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
@@ -69,12 +70,12 @@ async def update_project(
     "/{project_id}", response_model=schemas.ProjectRead, responses=problems(401, 403, 404)
 )
 async def delete_project(
-    project_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep
+    project_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep, state: StateDep
 ) -> schemas.ProjectRead:
-    """Marks the project deleted; its API keys stop working."""
-    return schemas.ProjectRead.model_validate(
-        await ProjectService(session).delete(principal, project_id)
-    )
+    """Marks the project deleted; its API keys stop working (at the gateway too)."""
+    project = await ProjectService(session).delete(principal, project_id)
+    announce_after_commit(session, state.redis, ChangeKind.PROJECT, project_id)
+    return schemas.ProjectRead.model_validate(project)
 
 
 @router.get(
@@ -137,9 +138,12 @@ async def create_api_key(
     body: schemas.ApiKeyCreate,
     principal: CurrentPrincipal,
     session: SessionDep,
+    state: StateDep,
 ) -> schemas.ApiKeyCreated:
     """The whole key (`cpk_<prefix>_<secret>`) is in this response only."""
-    return await ApiKeyService(session).create(principal, project_id, body)
+    created = await ApiKeyService(session).create(principal, project_id, body)
+    announce_after_commit(session, state.redis, ChangeKind.API_KEY, created.id)
+    return created
 
 
 @router.get(
@@ -180,8 +184,13 @@ async def get_api_key(
     responses=problems(401, 403, 404),
 )
 async def revoke_api_key(
-    project_id: uuid.UUID, key_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep
+    project_id: uuid.UUID,
+    key_id: uuid.UUID,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    state: StateDep,
 ) -> schemas.ApiKeyRead:
-    return schemas.ApiKeyRead.model_validate(
-        await ApiKeyService(session).revoke(principal, project_id, key_id)
-    )
+    """The key stops working at once, at the gateway too (within a second)."""
+    key = await ApiKeyService(session).revoke(principal, project_id, key_id)
+    announce_after_commit(session, state.redis, ChangeKind.API_KEY, key_id)
+    return schemas.ApiKeyRead.model_validate(key)

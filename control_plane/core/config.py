@@ -132,10 +132,27 @@ class ApiSettings(BaseModel):
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
 
 
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    # When Redis (the shared rate limits) is unreachable: let requests through
+    # unlimited, or refuse them with 503. Exposed as `cp_gateway_limiter_up`.
+    limits_when_redis_down: Literal["fail_open", "fail_closed"] = "fail_closed"
+    # Tokens reserved for the answer of a request that names no `max_tokens`.
+    default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # How long a request to an endpoint at zero replicas waits for the woken replica.
+    wake_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+    # Full reload of the routing table besides change notices (lost notices heal).
+    reload_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Upstream connections kept per replica.
+    pool_per_host: int = Field(default=256, ge=1, le=100_000)
+
+
 class DevSettings(BaseModel):
     temporal_port: int = Field(default=7233, ge=1, le=65535)
     temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
-    gateway_port: int = Field(default=8080, ge=1, le=65535)
     # Back-off for restarting a crashed child: doubles from `restart_min` to `restart_max`.
     restart_min_seconds: float = Field(default=1.0, gt=0)
     restart_max_seconds: float = Field(default=30.0, gt=0)
@@ -186,6 +203,7 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     codec: CodecSettings = CodecSettings()
     api: ApiSettings = ApiSettings()
+    gateway: GatewaySettings = GatewaySettings()
     dev: DevSettings = DevSettings()
     worker: WorkerSettings = WorkerSettings()
     models: ModelSettings = ModelSettings()

@@ -79,6 +79,15 @@ def last_lines(text: str, count: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-count:])
 
 
+async def _answers_ready(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            response = await client.get(url)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
 def hide_password(url: str) -> str:
     parts = urlsplit(url)
     if not parts.password:
@@ -378,7 +387,7 @@ class DevStack:
         return planned
 
     def _applications(self) -> list[Planned]:
-        """Every application process of the stack: add new ones (the gateway) here."""
+        """Every application process of the stack."""
         cli = [sys.executable, "-m", "control_plane.cli"]
         env = self.child_env()
         api = ServiceSpec(
@@ -392,6 +401,19 @@ class DevStack:
         )
         api_port = PortClaim(self.settings.api.port, "API", "CP_API__PORT", self.settings.api.host)
         planned = [Planned(api, "application", [api_port])]
+        gateway = ServiceSpec(
+            name="gateway",
+            argv=[*cli, "gateway"],
+            ready=self._gateway_ready,
+            env=env,
+            log_file=self.logs_dir / "gateway.log",
+            stop_timeout=APP_STOP_SECONDS,
+            ready_timeout=API_READY_TIMEOUT_SECONDS,
+        )
+        gateway_port = PortClaim(
+            self.settings.gateway.port, "gateway", "CP_GATEWAY__PORT", self.settings.gateway.host
+        )
+        planned.append(Planned(gateway, "application", [gateway_port]))
         # A stopping worker gives running activities their graceful window; let it finish.
         worker_stop = max(APP_STOP_SECONDS, self.settings.worker.graceful_shutdown_seconds + 5)
         for queue in ALL_QUEUES:
@@ -418,6 +440,15 @@ class DevStack:
         return f"http://{host}:{self.settings.api.port}"
 
     @property
+    def gateway_url(self) -> str:
+        host = self.settings.gateway.host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.settings.gateway.port}"
+
+    @property
     def temporal_address(self) -> str:
         return self.temporal.address if self.temporal else self.settings.temporal.address
 
@@ -441,6 +472,8 @@ class DevStack:
             "CP_TEMPORAL__ADDRESS": self.temporal_address,
             "CP_API__HOST": self.settings.api.host,
             "CP_API__PORT": str(self.settings.api.port),
+            "CP_GATEWAY__HOST": self.settings.gateway.host,
+            "CP_GATEWAY__PORT": str(self.settings.gateway.port),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -455,6 +488,7 @@ class DevStack:
             "readiness": f"{self.api_url}/readyz",
             "health": f"{self.api_url}/healthz",
             "metrics": f"{self.api_url}/metrics",
+            "gateway": f"{self.gateway_url}/v1",
             "temporal_ui": temporal_ui,
             "temporal_address": self.temporal_address,
             "temporal_namespace": self.settings.temporal.namespace,
@@ -464,12 +498,10 @@ class DevStack:
         }
 
     async def _api_ready(self) -> bool:
-        try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
-                response = await client.get(f"{self.api_url}/readyz")
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await _answers_ready(f"{self.api_url}/readyz")
+
+    async def _gateway_ready(self) -> bool:
+        return await _answers_ready(f"{self.gateway_url}/readyz")
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -722,6 +754,7 @@ class DevStack:
             ("API", urls["api"]),
             ("API docs", urls["api_docs"]),
             ("Readiness", urls["readiness"]),
+            ("Gateway", f"{urls['gateway']} (OpenAI-compatible; project API keys)"),
             ("Temporal UI", urls["temporal_ui"] or "(not started: external Temporal)"),
             (
                 "Temporal",

@@ -418,3 +418,34 @@ class TestBoundedHistory:
         endpoint.at(100, 16)
         endpoint.at(50, 0)
         assert [p.time for p in endpoint.state.history] == [100, 100]
+
+
+def test_replicas_still_starting_hold_off_scale_to_zero() -> None:
+    """After a wake the requests wait at the gateway, invisible to the replicas' metrics:
+    the endpoint must not go back to zero before its replica serves."""
+    policy = AutoscalePolicy(min_replicas=0, max_replicas=2, scale_to_zero_after_s=10)
+    state = AutoscaleState()
+    for second in range(0, 60, 5):
+        starting = ScalingSample(time=float(second), running=0, waiting=0, replicas_ready=0)
+        decision, state = decide(policy, state, starting, 1)
+        assert decision.replicas == 1, decision.reason
+    # The idle timer starts at the first sample that finds the replica ready, however
+    # long after the last one that found it starting.
+    ready = ScalingSample(time=75.0, running=0, waiting=0, replicas_ready=1)
+    decision, state = decide(policy, state, ready, 1)
+    assert decision.replicas == 1
+    later = ScalingSample(time=80.0, running=0, waiting=0, replicas_ready=1)
+    decision, state = decide(policy, state, later, 1)
+    assert decision.replicas == 1
+    decision, _ = decide(policy, state, later.model_copy(update={"time": 85.0}), 1)
+    assert decision.replicas == 0
+    # Histories recorded before this rule decide as they did.
+    _, old = decide(policy, AutoscaleState(), starting, 1, starting_is_load=False)
+    decision, _ = decide(
+        policy,
+        old,
+        ScalingSample(time=80.0, running=0, waiting=0, replicas_ready=0),
+        1,
+        starting_is_load=False,
+    )
+    assert decision.replicas == 0

@@ -168,6 +168,15 @@ async def test_injected_failures_follow_the_rate_and_seed() -> None:
     assert await statuses(1) == first
 
 
+async def test_injected_failures_start_after_the_first_requests() -> None:
+    async with client_for(fail_rate=1, fail_after=2) as client:
+        codes = [
+            (await client.post("/v1/completions", json={"model": "sim", "prompt": "x"})).status_code
+            for _ in range(4)
+        ]
+    assert codes == [200, 200, 500, 500]
+
+
 async def test_injected_rate_limit_carries_retry_after() -> None:
     async with client_for(fail_rate=1, fail_status=429, fail_retry_after_s=7) as client:
         response = await client.post("/v1/chat/completions", json=CHAT)

@@ -100,6 +100,9 @@ class AutoscaleState(BaseModel):
     last_active_at: Number | None = None
     # Set by a manual `scale`: pins the replica count until cleared (None).
     manual_replicas: Integer | None = Field(default=None, ge=0)
+    # The last sample saw replicas still starting: the first sample with all of them ready
+    # counts as activity too, so the idle timer starts when they can serve.
+    starting: bool = False
 
     def pinned(self, replicas: int | None) -> AutoscaleState:
         """A copy with a manual pin set, or cleared with None."""

@@ -98,6 +98,8 @@ class SimulatorConfig:
     # fail_retry_after_s` on a 429), drawn from a generator seeded with `seed`; and with
     # `fail_mid_stream` a stream breaks off (connection dropped) after its first token.
     fail_rate: float = 0.0
+    # Injection starts after this many requests (e.g. 1: the deploy's probe succeeds).
+    fail_after: int = 0
     fail_status: int = 500
     fail_retry_after_s: int = 1
     fail_mid_stream: bool = False
@@ -202,6 +204,7 @@ class Simulator:
         self.config = config
         self.registry = CollectorRegistry()
         self._failures = random.Random(config.seed)
+        self._answered = 0
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._waiting = 0
         self._running = 0
@@ -301,7 +304,10 @@ class Simulator:
 
     def injected_failure(self) -> ApiError | None:
         rate = self.config.fail_rate
-        if rate <= 0 or (rate < 1 and self._failures.random() >= rate):
+        self._answered += 1
+        if rate <= 0 or self._answered <= self.config.fail_after:
+            return None
+        if rate < 1 and self._failures.random() >= rate:
             return None
         status = self.config.fail_status
         if status == 429:
@@ -602,6 +608,7 @@ def _parser() -> argparse.ArgumentParser:
         "--load-time-s", type=float, default=0.0, help="answer 503 for this long after start"
     )
     parser.add_argument("--fail-rate", type=float, default=0.0, help="share of requests failed")
+    parser.add_argument("--fail-after", type=int, default=0, help="requests before failing")
     parser.add_argument("--fail-status", type=int, default=500)
     parser.add_argument("--fail-retry-after-s", type=int, default=1)
     parser.add_argument("--fail-mid-stream", action="store_true")
@@ -629,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         max_output_tokens=args.max_output_tokens,
         load_time_s=args.load_time_s,
         fail_rate=args.fail_rate,
+        fail_after=args.fail_after,
         fail_status=args.fail_status,
         fail_retry_after_s=args.fail_retry_after_s,
         fail_mid_stream=args.fail_mid_stream,

@@ -32,6 +32,7 @@ class SimulatorArgs(EngineArgs):
     load_time_s: float = Field(default=0.0, ge=0, le=3600)
     # Failure injection (testing what sits in front): see the simulator's module.
     fail_rate: float = Field(default=0.0, ge=0, le=1)
+    fail_after: Integer = Field(default=0, ge=0, le=2**31)
     fail_status: Integer = Field(default=500, ge=400, le=599)
     fail_retry_after_s: Integer = Field(default=1, ge=0, le=3600)
     fail_mid_stream: bool = False
@@ -71,6 +72,8 @@ def render(request: EngineRequest, args: SimulatorArgs) -> LaunchSpec:
         str(args.load_time_s),
         "--fail-rate",
         str(args.fail_rate),
+        "--fail-after",
+        str(args.fail_after),
         "--fail-status",
         str(args.fail_status),
         "--fail-retry-after-s",

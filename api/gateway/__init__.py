@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway (data plane); see `api.gateway.app`."""

@@ -1,0 +1,66 @@
+"""Builds the gateway of one process from settings: `cpctl gateway` serves `create_gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from prometheus_client import CollectorRegistry
+
+from api.gateway.app import Gateway
+from api.gateway.table import RoutingTable, TableLoader
+from control_plane.core import temporal
+from control_plane.core.codec import payload_codec
+from control_plane.core.config import Settings, get_settings
+from control_plane.core.db import create_engine, create_sessionmaker
+from control_plane.core.logging import get_logger
+from control_plane.core.redis import create_redis
+from control_plane.routing.limiter import Limiter
+
+log = get_logger(__name__)
+
+
+def create_gateway(settings: Settings | None = None) -> Gateway:
+    settings = settings or get_settings()
+    engine = create_engine(settings.database)
+    redis = create_redis(settings.redis)
+    table = RoutingTable()
+    loader = TableLoader(create_sessionmaker(engine), table)
+    follower: asyncio.Task[None] | None = None
+    gateway: Gateway
+
+    async def startup() -> None:
+        nonlocal follower
+        # Lazy: the gateway serves while Temporal is down; only waking an idle endpoint
+        # needs it.
+        gateway.temporal = await temporal.connect(
+            settings.temporal, codec=payload_codec(settings.codec), lazy=True
+        )
+        await loader.load_all()
+        follower = asyncio.create_task(loader.follow(redis, settings.gateway.reload_seconds))
+        log.info(
+            "gateway.started",
+            port=settings.gateway.port,
+            keys=len(table.keys),
+            endpoints=len(table.endpoints),
+            routers=len(table.routers),
+        )
+
+    async def shutdown() -> None:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        await redis.aclose()
+        await engine.dispose()
+        log.info("gateway.stopped")
+
+    # One registry for the gateway's and the limiter's metrics: `/metrics` shows both.
+    registry = CollectorRegistry()
+    limiter = Limiter(
+        redis, on_unavailable=settings.gateway.limits_when_redis_down, registry=registry
+    )
+    gateway = Gateway(
+        settings.gateway, table, limiter, registry=registry, startup=startup, shutdown=shutdown
+    )
+    return gateway
