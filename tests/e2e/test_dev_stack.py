@@ -39,10 +39,11 @@ class DevStack:
 
     def __init__(self, data_dir: Path, *, api_port: int | None = None) -> None:
         self.data_dir = data_dir
-        ports = free_ports(3)
+        ports = free_ports(4)
         self.api_port = api_port or ports[0]
         self.temporal_port = ports[1]
         self.temporal_ui_port = ports[2]
+        self.gateway_port = ports[3]
         self.process: subprocess.Popen[bytes] | None = None
         self.output_file: Path | None = None
         self.last_state: dict[str, Any] = {}
@@ -62,6 +63,7 @@ class DevStack:
         env.update(
             CP_DATA_DIR=str(self.data_dir),
             CP_API__PORT=str(self.api_port),
+            CP_GATEWAY__PORT=str(self.gateway_port),
             CP_DEV__TEMPORAL_PORT=str(self.temporal_port),
             CP_DEV__TEMPORAL_UI_PORT=str(self.temporal_ui_port),
             CP_DEV__RESTART_MIN_SECONDS="0.5",
@@ -234,8 +236,13 @@ class TestRunningStack:
         assert urls["temporal_address"] == f"127.0.0.1:{stack.temporal_port}"
         assert urls["redis"].startswith("unix://")
         assert urls["postgres"].startswith("postgresql://postgres@/")
+        assert urls["gateway"] == f"http://127.0.0.1:{stack.gateway_port}/v1"
+        assert httpx.get(f"http://127.0.0.1:{stack.gateway_port}/readyz").status_code == 200
+        unauthenticated = httpx.get(f"{urls['gateway']}/models")
+        assert unauthenticated.status_code == 401
+        assert unauthenticated.json()["error"]["type"] == "authentication_error"
         assert state["data_dir"] == str(stack.data_dir.resolve())
-        expected = {"temporal", "postgres", "redis", "api"} | {
+        expected = {"temporal", "postgres", "redis", "api", "gateway"} | {
             f"worker-{queue}"
             for queue in (
                 "cp-orchestration",
@@ -255,7 +262,7 @@ class TestRunningStack:
     def test_banner_lists_every_url(self, stack: DevStack) -> None:
         output = stack.output()
         urls = stack.state()["urls"]
-        for key in ("api", "api_docs", "readiness", "temporal_ui", "postgres", "redis"):
+        for key in ("api", "api_docs", "readiness", "gateway", "temporal_ui", "postgres", "redis"):
             assert urls[key] in output, key
         assert str(stack.data_dir.resolve() / "logs") in output
         assert "bootstrap admin: admin" in output
@@ -404,7 +411,7 @@ class TestLifecycle:
             dev.process.kill()
             dev.process.wait(10)
             orphans = dev.recorded_processes()
-            assert len(orphans) == 10
+            assert len(orphans) == 11  # infrastructure, API, gateway, six workers
 
             dev.start()
             assert "left over by a previous run" in dev.output()
@@ -420,7 +427,7 @@ class TestLifecycle:
         assert dev.stop(signum) == 0, dev.diagnostics()
         assert time.monotonic() - started < STOP_TIMEOUT
         recorded = dev.last_state["children"]
-        assert len(recorded) == 10
+        assert len(recorded) == 11
         survivors = [process.pid for process in dev.recorded_processes() if alive(process)]
         assert survivors == [], dev.diagnostics()
         assert processes_mentioning(dev.data_dir.resolve()) == []
