@@ -249,7 +249,7 @@ class TestSimulatorEndpoint:
 
         def idle_now(body: dict[str, Any]) -> bool:
             reasons.append(body["status_reason"])
-            return body["status"] == "idle" and body["replicas"] == []
+            return bool(body["status"] == "idle" and body["replicas"] == [])
 
         idle = await wait_for_endpoint(api, endpoint_id, idle_now, within=40)
         assert idle["published"]
