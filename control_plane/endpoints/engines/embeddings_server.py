@@ -53,12 +53,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.core.logging import configure_logging, get_logger
+from control_plane.endpoints.engines.openai_http import (
+    JSON_HEADERS,
+    ApiError,
+    error_response,
+    serve_loading_app,
+)
+from control_plane.endpoints.engines.openai_http import dumps as _dumps
 
 logger = get_logger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 
-JSON_HEADERS = {"content-type": "application/json"}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENCODING_FORMATS = ("float", "base64")
@@ -75,44 +81,12 @@ class EmbeddingsConfig:
     threads: int | None = None
 
 
-class ApiError(Exception):
-    """An OpenAI-style error, rendered by `_error`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-
-
 class EncodeFailed(Exception):
     """The model failed on a batch this request was in (logged once, by the batcher)."""
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def _error(error: ApiError) -> Response:
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error.type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
-    headers = {**JSON_HEADERS, **({"retry-after": "1"} if error.status == 503 else {})}
-    return Response(_dumps(body), error.status, headers)
+    return error_response(error, {"retry-after": "1"} if error.status == 503 else None)
 
 
 class Encoder(Protocol):
@@ -573,8 +547,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     args = _parser().parse_args(argv)
     if args.max_batch_size < 1 or args.max_input_items < 1:
         raise SystemExit("--max-batch-size and --max-input-items must be >= 1")
@@ -591,29 +563,9 @@ def main(argv: list[str] | None = None) -> None:
         max_input_items=args.max_input_items,
         threads=args.threads,
     )
-    server: uvicorn.Server | None = None
-
-    def stop() -> None:
-        # From the loading thread: uvicorn polls the flag and shuts down.
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(config, on_load_failure=stop)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            access_log=False,
-            loop="auto",
-            http="auto",
-            lifespan="on",
-            server_header=False,
-            date_header=False,
-        )
+    app = serve_loading_app(
+        lambda stop: create_app(config, on_load_failure=stop), args.host, args.port
     )
-    server.run()
     embedder: Embedder = app.state.embedder
     if embedder.load_error is not None:
         raise SystemExit(f"could not load the model from {config.model_dir}: {embedder.load_error}")

@@ -50,6 +50,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from control_plane.endpoints.engines.openai_http import (
+    DONE,
+    JSON_HEADERS,
+    SSE_HEADERS,
+    ApiError,
+    error_response,
+)
+from control_plane.endpoints.engines.openai_http import dumps as _dumps
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -71,13 +80,6 @@ VOCABULARY: tuple[str, ...] = tuple(
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-]
-DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -105,39 +107,8 @@ class SimulatorConfig:
     fail_mid_stream: bool = False
 
 
-class ApiError(Exception):
-    """An OpenAI-style error: raised while reading a request, rendered by `_error`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def _error(error: ApiError, headers: dict[str, str] | None = None) -> Response:
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error.type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
-    return Response(_dumps(body), error.status, {**JSON_HEADERS, **(headers or {})})
+    return error_response(error, headers)
 
 
 @dataclass(frozen=True)

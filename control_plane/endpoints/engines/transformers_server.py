@@ -58,6 +58,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_plane.core.logging import configure_logging, get_logger
+from control_plane.endpoints.engines.openai_http import (
+    DONE,
+    JSON_HEADERS,
+    SSE_HEADERS,
+    ApiError,
+    error_response,
+    serve_loading_app,
+)
+from control_plane.endpoints.engines.openai_http import dumps as _dumps
+from control_plane.endpoints.engines.openai_http import error_body as _error_body
 
 logger = get_logger(__name__)
 
@@ -66,12 +76,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-]
-DONE = b"data: [DONE]\n\n"
 DTYPES = ("float32", "bfloat16")
 MAX_STOP_STRINGS = 16
 # CPU generation is slow: first tokens in tenths of a second to tens of seconds, whole
@@ -100,43 +104,8 @@ class TransformersConfig:
     max_model_len: int | None = None
 
 
-class ApiError(Exception):
-    """An OpenAI-style error, rendered by `_error`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _error_body(error: ApiError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": error.message,
-            "type": error.type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
-
-
 def _error(error: ApiError) -> Response:
-    retry = {"retry-after": "1"} if error.status in (429, 503) else {}
-    return Response(_dumps(_error_body(error)), error.status, {**JSON_HEADERS, **retry})
+    return error_response(error, {"retry-after": "1"} if error.status in (429, 503) else None)
 
 
 def resolve_gguf_file(model_dir: str, gguf_file: str | None) -> str | None:
@@ -1107,8 +1076,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     args = _parser().parse_args(argv)
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise SystemExit("--max-concurrency must be >= 1 and --max-queue >= 0")
@@ -1131,29 +1098,9 @@ def main(argv: list[str] | None = None) -> None:
         max_tokens_limit=args.max_tokens_limit,
         max_model_len=args.max_model_len,
     )
-    server: uvicorn.Server | None = None
-
-    def stop() -> None:
-        # From the loading thread: uvicorn polls the flag and shuts down.
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(config, on_load_failure=stop)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            access_log=False,
-            loop="auto",
-            http="auto",
-            lifespan="on",
-            server_header=False,
-            date_header=False,
-        )
+    app = serve_loading_app(
+        lambda stop: create_app(config, on_load_failure=stop), args.host, args.port
     )
-    server.run()
     state: Server = app.state.server
     if state.load_error is not None:
         raise SystemExit(f"could not load the model from {config.model_dir}: {state.load_error}")
