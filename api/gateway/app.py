@@ -407,6 +407,12 @@ class Gateway:
             return []
         keys = router.cooldowns.available([t.key for t in live], now, has_fallback=has_fallback)
         by_key = {t.key: t for t in live}
+        if router.strategy == "least_busy":
+            endpoints = self.table.endpoints
+            for target in live:
+                endpoint = endpoints[target.endpoint_id]
+                # This process's requests and the other gateway processes' (shared).
+                target.stats.in_flight = endpoint.in_flight + endpoint.remote_in_flight
         stats = [by_key[k].stats for k in keys]
         order = choose(
             router.strategy, stats, stream=call.stream, rng=self.rng, latency=self.latency, now=now
@@ -613,15 +619,11 @@ class Gateway:
         replica: ReplicaEntry | None = None
         try:
             endpoint, replica = await self._replica(call, endpoint)
-            replica.in_flight += 1
-            if candidate.target is not None:
-                candidate.target.stats.in_flight += 1
+            self._count(endpoint.id, replica.url, 1)
             try:
                 used = await self._forward(call, route, candidate, endpoint, replica, send)
             finally:
-                replica.in_flight -= 1
-                if candidate.target is not None:
-                    candidate.target.stats.in_flight -= 1
+                self._count(endpoint.id, replica.url, -1)
         except _Retryable:
             if reservation is not None:
                 await self.limiter.release(reservation)
@@ -634,6 +636,18 @@ class Gateway:
         if reservation is not None:
             actual = sum(used) if used is not None else reservation.tokens
             await self.limiter.settle(reservation, actual)
+
+    def _count(self, endpoint_id: uuid.UUID, url: str, delta: int) -> None:
+        """Requests in flight, on the table's current entries (a reload while a request
+        runs replaces them and carries the counts over)."""
+        entry = self.table.endpoints.get(endpoint_id)
+        if entry is None:
+            return
+        entry.in_flight += delta
+        for replica in entry.replicas:
+            if replica.url == url:
+                replica.in_flight += delta
+                return
 
     async def _forward(
         self,

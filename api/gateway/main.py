@@ -8,6 +8,7 @@ import contextlib
 from prometheus_client import CollectorRegistry
 
 from api.gateway.app import Gateway
+from api.gateway.inflight import SharedInflight
 from api.gateway.table import RoutingTable, TableLoader
 from control_plane.core import temporal
 from control_plane.core.codec import payload_codec
@@ -26,18 +27,19 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
     redis = create_redis(settings.redis)
     table = RoutingTable()
     loader = TableLoader(create_sessionmaker(engine), table)
-    follower: asyncio.Task[None] | None = None
+    inflight = SharedInflight(redis, table)
+    tasks: list[asyncio.Task[None]] = []
     gateway: Gateway
 
     async def startup() -> None:
-        nonlocal follower
         # Lazy: the gateway serves while Temporal is down; only waking an idle endpoint
         # needs it.
         gateway.temporal = await temporal.connect(
             settings.temporal, codec=payload_codec(settings.codec), lazy=True
         )
         await loader.load_all()
-        follower = asyncio.create_task(loader.follow(redis, settings.gateway.reload_seconds))
+        tasks.append(asyncio.create_task(loader.follow(redis, settings.gateway.reload_seconds)))
+        tasks.append(asyncio.create_task(inflight.run()))
         log.info(
             "gateway.started",
             port=settings.gateway.port,
@@ -47,10 +49,10 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
         )
 
     async def shutdown() -> None:
-        if follower is not None:
-            follower.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await follower
+                await task
         await redis.aclose()
         await engine.dispose()
         log.info("gateway.stopped")

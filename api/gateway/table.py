@@ -68,6 +68,10 @@ class EndpointEntry:
     name: str
     status: str
     replicas: list[ReplicaEntry]
+    # Requests in flight on the endpoint: from this process, and from the other gateway
+    # processes as they last shared them (`api.gateway.inflight`).
+    in_flight: int = 0
+    remote_in_flight: int = 0
 
     def pick_replica(self) -> ReplicaEntry | None:
         """The ready replica with the fewest requests in flight from this gateway."""
@@ -167,6 +171,17 @@ def endpoint_entry(row: Endpoint, replicas: Iterable[EndpointReplica]) -> Endpoi
     )
 
 
+def carry_counts(entry: EndpointEntry, previous: EndpointEntry | None) -> None:
+    """A reloaded endpoint keeps its in-flight counts (of the replicas that stay)."""
+    if previous is None:
+        return
+    entry.in_flight = previous.in_flight
+    entry.remote_in_flight = previous.remote_in_flight
+    counts = {r.url: r.in_flight for r in previous.replicas}
+    for replica in entry.replicas:
+        replica.in_flight = counts.get(replica.url, 0)
+
+
 def router_entry(row: Router, previous: RouterEntry | None) -> RouterEntry:
     """The router as the gateway uses it; cooldowns and latency state survive a reload."""
     targets: list[TargetEntry] = []
@@ -255,7 +270,10 @@ class TableLoader:
             ).all()
         table = self.table
         table.keys = {k.prefix: key_entry(k) for k in keys}
-        table.endpoints = {e.id: endpoint_entry(e, replicas.get(e.id, ())) for e in endpoints}
+        fresh = {e.id: endpoint_entry(e, replicas.get(e.id, ())) for e in endpoints}
+        for endpoint_id, entry in fresh.items():
+            carry_counts(entry, table.endpoints.get(endpoint_id))
+        table.endpoints = fresh
         table.routers = {r.id: router_entry(r, table.routers.get(r.id)) for r in routers}
         table.loaded = True
         table.notify()
@@ -301,12 +319,7 @@ class TableLoader:
             )
         ).all()
         entry = endpoint_entry(row, replicas)
-        previous = table.endpoints.get(endpoint_id)
-        if previous is not None:
-            # Keep this process's in-flight counts of replicas that stay.
-            counts = {r.url: r.in_flight for r in previous.replicas}
-            for replica in entry.replicas:
-                replica.in_flight = counts.get(replica.url, 0)
+        carry_counts(entry, table.endpoints.get(endpoint_id))
         table.endpoints[endpoint_id] = entry
 
     async def _reload_router(self, session: AsyncSession, router_id: uuid.UUID) -> None:

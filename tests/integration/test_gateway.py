@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from api.gateway.main import create_gateway
 from control_plane.core.config import Settings
 from control_plane.devstack.services import free_port
 from tests.fixtures.identity import IdentityFactory
@@ -214,6 +215,59 @@ class TestOpenAIClient:
             # once more after its 0.5 s answer.
             assert busy["w-slow"] <= 2, busy
             assert busy["w-a"] >= 18, busy
+
+
+class TestSharedLeastBusy:
+    async def test_least_busy_sees_the_load_other_gateway_processes_put_on_a_target(
+        self,
+        stack: Stack,
+        start_workers: StartWorkers,
+        identities: IdentityFactory,
+        settings: Settings,
+    ) -> None:
+        """Gateway one keeps `lb-slow` busy with requests sent to it by name; gateway two
+        (its own routing table, the same Redis) routes a `least_busy` router over
+        `lb-slow` and `lb-fast`: it sends everything to `lb-fast`, which it could only
+        know from the counts gateway one shares."""
+        await stack.setup(start_workers)
+        slow = await stack.endpoint(
+            "lb-slow", engine_args={**FAST, "ttft_ms": 2000, "max_concurrency": 64}
+        )
+        fast = await stack.endpoint("lb-fast")
+        await stack.running(slow, fast)
+        await stack.router(
+            "lb", [{"endpoint_id": slow["id"]}, {"endpoint_id": fast["id"]}], strategy="least_busy"
+        )
+        _, key = await stack.key()
+        await stack.until_routable(key, "lb")
+        other = ApiServer(settings, create_gateway(settings))
+        await asyncio.to_thread(other.start)
+        try:
+            async with (
+                stack.client(key) as first,
+                httpx.AsyncClient(
+                    base_url=f"{other.url}/v1",
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=60,
+                ) as second,
+            ):
+                body = {"model": "lb-slow", "prompt": "x", "max_tokens": 1}
+                busy = [
+                    asyncio.create_task(first.post("/completions", json=body)) for _ in range(6)
+                ]
+                await asyncio.sleep(0.8)
+                targets = []
+                for _ in range(10):
+                    response = await second.post(
+                        "/completions", json={"model": "lb", "prompt": "x", "max_tokens": 1}
+                    )
+                    assert response.status_code == 200, response.text
+                    targets.append(response.headers["x-cp-target"])
+                    await asyncio.sleep(0.02)
+                assert targets == ["lb-fast"] * 10
+                assert all(r.status_code == 200 for r in await asyncio.gather(*busy))
+        finally:
+            await asyncio.to_thread(other.stop)
 
 
 async def router_id(stack: Stack, name: str) -> str:

@@ -32,8 +32,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from control_plane.devstack.services import free_port
+from control_plane.endpoints.engines.openai_http import ApiError
 from control_plane.endpoints.engines.transformers_server import (
-    ApiError,
     LanguageModel,
     Outcome,
     Sampling,

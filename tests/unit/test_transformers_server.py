@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from control_plane.endpoints.engines.openai_http import ApiError
 from control_plane.endpoints.engines.transformers_server import (
-    ApiError,
     TextStream,
     parse_request,
     resolve_gguf_file,
