@@ -597,10 +597,11 @@ class Gateway:
 
     def _upstream_body(self, call: Call, endpoint: EndpointEntry) -> bytes:
         payload = call.payload
-        if payload.get("model") != endpoint.name or (call.stream and not call.client_wants_usage):
+        # Replicas serve their endpoint's name; a provider its own model id.
+        model = endpoint.upstream_model or endpoint.name
+        if payload.get("model") != model or (call.stream and not call.client_wants_usage):
             payload = dict(payload)
-            # Replicas serve their endpoint's name.
-            payload["model"] = endpoint.name
+            payload["model"] = model
             if call.stream and call.kind != "embedding":
                 # Usage settles the token limits; the client gets it only if it asked.
                 options = dict(payload.get("stream_options") or {})
@@ -671,7 +672,7 @@ class Gateway:
                 response = await self._http.post(
                     replica.url + call.path,
                     data=body,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **endpoint.headers},
                     timeout=request_timeout,
                 )
                 break

@@ -16,6 +16,7 @@ from control_plane.core.config import Settings, get_settings
 from control_plane.core.db import create_engine, create_sessionmaker
 from control_plane.core.logging import get_logger
 from control_plane.core.redis import create_redis
+from control_plane.credentials.crypto import load_vault
 from control_plane.routing.limiter import Limiter
 
 log = get_logger(__name__)
@@ -26,7 +27,7 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
     engine = create_engine(settings.database)
     redis = create_redis(settings.redis)
     table = RoutingTable()
-    loader = TableLoader(create_sessionmaker(engine), table)
+    loader = TableLoader(create_sessionmaker(engine), table, vault=load_vault(settings))
     inflight = SharedInflight(redis, table)
     tasks: list[asyncio.Task[None]] = []
     gateway: Gateway

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,18 +24,23 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from control_plane.core.db import session_scope
 from control_plane.core.logging import get_logger
+from control_plane.credentials.crypto import Vault
+from control_plane.credentials.service import reveal
 from control_plane.endpoints.tables import Endpoint, EndpointReplica
 from control_plane.identity.tables import ApiKey, Project, ProjectStatus, Tenant, TenantStatus
+from control_plane.models.tables import Model
 from control_plane.routing.changes import CHANNEL, Change, ChangeKind
 from control_plane.routing.cooldown import CooldownPolicy, Cooldowns
 from control_plane.routing.strategies import DEFAULT_STRATEGY, STRATEGIES, Strategy, TargetStats
 from control_plane.routing.tables import Router
 from workflows.contracts.endpoints import EndpointStatus, ReplicaState
+from workflows.contracts.models import ModelStatus, SourceKind
 
 log = get_logger(__name__)
 
 # Endpoints the gateway knows: anything that may serve or be woken.
 ROUTABLE = (EndpointStatus.RUNNING, EndpointStatus.DEGRADED, EndpointStatus.IDLE)
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass(slots=True)
@@ -72,6 +77,12 @@ class EndpointEntry:
     # processes as they last shared them (`api.gateway.inflight`).
     in_flight: int = 0
     remote_in_flight: int = 0
+    # A cloud model a router targets: one "replica", the provider's API (its base URL,
+    # which ends before the OpenAI paths' `/v1`), the provider's model id, and the
+    # headers carrying the credential. Not addressable by name: only through routers.
+    cloud: bool = False
+    upstream_model: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def pick_replica(self) -> ReplicaEntry | None:
         """The ready replica with the fewest requests in flight from this gateway."""
@@ -124,13 +135,15 @@ class RoutingTable:
             if router.name == name and router.project_id == project_id:
                 return router
         for endpoint in self.endpoints.values():
-            if endpoint.name == name and endpoint.project_id == project_id:
+            if endpoint.name == name and endpoint.project_id == project_id and not endpoint.cloud:
                 return endpoint
         return None
 
     def names_of(self, project_id: uuid.UUID) -> list[str]:
         routers = [r.name for r in self.routers.values() if r.project_id == project_id]
-        endpoints = [e.name for e in self.endpoints.values() if e.project_id == project_id]
+        endpoints = [
+            e.name for e in self.endpoints.values() if e.project_id == project_id and not e.cloud
+        ]
         return sorted({*routers, *endpoints})
 
     def notify(self) -> None:
@@ -186,9 +199,9 @@ def router_entry(row: Router, previous: RouterEntry | None) -> RouterEntry:
     """The router as the gateway uses it; cooldowns and latency state survive a reload."""
     targets: list[TargetEntry] = []
     for index, target in enumerate(row.targets):
-        endpoint_id = target.get("endpoint_id")
+        # An endpoint, or a cloud model (kept in the table's endpoints under its id).
+        endpoint_id = target.get("endpoint_id") or target.get("model_id")
         if endpoint_id is None:
-            # Cloud model targets are not served by this gateway yet (see the README).
             continue
         key = f"{row.id}:{index}"
         targets.append(
@@ -202,10 +215,12 @@ def router_entry(row: Router, previous: RouterEntry | None) -> RouterEntry:
         )
     fallbacks: list[tuple[str, uuid.UUID]] = []
     for fallback in row.fallbacks:
-        for kind in ("router", "endpoint"):
+        for kind in ("router", "endpoint", "model"):
             ref = fallback.get(f"{kind}_id")
             if ref is not None:
-                fallbacks.append((kind, uuid.UUID(str(ref))))
+                # A cloud model is reached like an endpoint.
+                reached = "router" if kind == "router" else "endpoint"
+                fallbacks.append((reached, uuid.UUID(str(ref))))
     policy = CooldownPolicy(**row.cooldown) if row.cooldown else CooldownPolicy()
     cooldowns = previous.cooldowns if previous is not None else Cooldowns(policy)
     cooldowns.policy = policy
@@ -248,9 +263,17 @@ def _routable_endpoint_query() -> Any:
 class TableLoader:
     """Fills a `RoutingTable` from PostgreSQL and keeps it current."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], table: RoutingTable) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        table: RoutingTable,
+        *,
+        vault: Vault | None = None,
+    ) -> None:
         self.sessions = sessions
         self.table = table
+        # Opens the credentials of cloud models that routers target (None: skipped).
+        self.vault = vault
 
     async def load_all(self) -> None:
         async with session_scope(self.sessions) as session:
@@ -268,9 +291,11 @@ class TableLoader:
             routers = (
                 await session.exec(select(Router).where(col(Router.status) == "active"))
             ).all()
+            clouds = await self._clouds(session, routers)
         table = self.table
         table.keys = {k.prefix: key_entry(k) for k in keys}
         fresh = {e.id: endpoint_entry(e, replicas.get(e.id, ())) for e in endpoints}
+        fresh.update(clouds)
         for endpoint_id, entry in fresh.items():
             carry_counts(entry, table.endpoints.get(endpoint_id))
         table.endpoints = fresh
@@ -278,9 +303,73 @@ class TableLoader:
         table.loaded = True
         table.notify()
 
+    async def _clouds(
+        self, session: AsyncSession, routers: Sequence[Router]
+    ) -> dict[uuid.UUID, EndpointEntry]:
+        """The ready cloud models the routers target or fall back to, with their
+        credentials opened (never logged)."""
+        wanted = {
+            uuid.UUID(str(ref["model_id"]))
+            for router in routers
+            for ref in (*router.targets, *router.fallbacks)
+            if ref.get("model_id")
+        }
+        if not wanted or self.vault is None:
+            return {}
+        rows = (
+            await session.exec(
+                select(Model).where(
+                    col(Model.id).in_(wanted),
+                    col(Model.source_kind) == SourceKind.CLOUD.value,
+                    col(Model.status) == ModelStatus.READY.value,
+                )
+            )
+        ).all()
+        found: dict[uuid.UUID, EndpointEntry] = {}
+        for row in rows:
+            entry = await self._cloud_entry(session, row)
+            if entry is not None:
+                found[row.id] = entry
+        return found
+
+    async def _cloud_entry(self, session: AsyncSession, row: Model) -> EndpointEntry | None:
+        assert self.vault is not None
+        provider, _, upstream_model = row.source_ref.partition("/")
+        if row.credential_id is None or provider != "openai":
+            # Anthropic needs a translation of the request and the answer, Azure its own
+            # URL scheme: not served by the gateway yet.
+            log.warning("gateway.cloud.unsupported", model=row.name, provider=provider)
+            return None
+        try:
+            secret = await reveal(
+                session,
+                self.vault,
+                row.credential_id,
+                tenant_id=row.tenant_id,
+                project_id=row.project_id,
+            )
+        except Exception as err:
+            log.warning("gateway.cloud.credential_unusable", model=row.name, error=str(err))
+            return None
+        base = str(secret.get("base_url") or OPENAI_BASE_URL).rstrip("/")
+        headers = {"authorization": f"Bearer {secret['api_key']}"}
+        if secret.get("organization"):
+            headers["openai-organization"] = str(secret["organization"])
+        return EndpointEntry(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            project_id=row.project_id or uuid.UUID(int=0),
+            name=row.name,
+            status=EndpointStatus.RUNNING.value,
+            replicas=[ReplicaEntry(name=provider, url=base.removesuffix("/v1"))],
+            cloud=True,
+            upstream_model=upstream_model,
+            headers=headers,
+        )
+
     async def apply(self, change: Change) -> None:
         """Reload the one entry a notice names (everything for a project change)."""
-        if change.kind is ChangeKind.PROJECT:
+        if change.kind in (ChangeKind.PROJECT, ChangeKind.MODEL):
             await self.load_all()
             return
         try:
@@ -328,6 +417,9 @@ class TableLoader:
         if row is None or row.status != "active":
             table.routers.pop(router_id, None)
             return
+        for model_id, entry in (await self._clouds(session, [row])).items():
+            carry_counts(entry, table.endpoints.get(model_id))
+            table.endpoints[model_id] = entry
         table.routers[router_id] = router_entry(row, table.routers.get(router_id))
 
     async def follow(self, redis: Redis, reload_seconds: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,16 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from api.gateway.main import create_gateway
 from control_plane.core.config import Settings
+from control_plane.core.db import create_engine, create_sessionmaker, session_scope
 from control_plane.devstack.services import free_port
+from control_plane.models.tables import Model
 from tests.fixtures.identity import IdentityFactory
 from tests.fixtures.stack import ApiServer, StartWorkers
 from tests.integration.test_clusters_kubernetes import worker_process_env
@@ -268,6 +275,120 @@ class TestSharedLeastBusy:
                 assert all(r.status_code == 200 for r in await asyncio.gather(*busy))
         finally:
             await asyncio.to_thread(other.stop)
+
+
+PROVIDER_KEY = "sk-provider-test-key"
+
+
+def provider_stand_in(seen: list[dict[str, Any]]) -> Starlette:
+    """An OpenAI-compatible provider (the real one is out of reach here): checks the
+    key the gateway sends and answers like the provider does; `seen` records calls."""
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        seen.append({"authorization": request.headers.get("authorization"), **body})
+        if request.headers.get("authorization") != f"Bearer {PROVIDER_KEY}":
+            error = {"error": {"message": "bad key", "type": "invalid_request_error"}}
+            return JSONResponse(error, status_code=401)
+        return JSONResponse(
+            {
+                "id": "chatcmpl-stand-in",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "from the provider"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            }
+        )
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+class TestCloudTargets:
+    async def test_a_cloud_model_as_target_and_as_fallback(
+        self,
+        stack: Stack,
+        start_workers: StartWorkers,
+        identities: IdentityFactory,
+        settings: Settings,
+        admin: Any,
+    ) -> None:
+        """A cloud model of the project (its row put in the `ready` state onboarding
+        leaves it in; onboarding has its own tests) behind a router: the gateway calls
+        the provider with the stored credential's key and the provider's model id."""
+        await stack.setup(start_workers)
+        seen: list[dict[str, Any]] = []
+        provider = ApiServer(settings, provider_stand_in(seen))
+        await asyncio.to_thread(provider.start)
+        try:
+            credential = await stack.api.post(
+                f"/api/v1/projects/{stack.project_id}/credentials",
+                json={
+                    "name": "provider",
+                    "provider": "openai",
+                    "api_key": PROVIDER_KEY,
+                    "base_url": f"{provider.url}/v1",
+                },
+            )
+            assert credential.status_code == 201, credential.text
+            engine = create_engine(settings.database)
+            try:
+                async with session_scope(create_sessionmaker(engine)) as session:
+                    model = Model(
+                        tenant_id=admin.user.tenant_id,
+                        project_id=uuid.UUID(stack.project_id),
+                        name="hosted",
+                        source_kind="cloud",
+                        source_ref="openai/gpt-test",
+                        credential_id=uuid.UUID(credential.json()["id"]),
+                        status="ready",
+                        modality="text",
+                    )
+                    session.add(model)
+            finally:
+                await engine.dispose()
+            bad = await stack.endpoint(
+                "flaky", engine_args={**FAST, "fail_rate": 1, "fail_after": 1}
+            )
+            await stack.running(bad)
+            await stack.router("hosted-only", [{"model_id": str(model.id)}])
+            await stack.router(
+                "hybrid",
+                [{"endpoint_id": bad["id"]}],
+                fallbacks=[{"model_id": str(model.id)}],
+                retries=0,
+            )
+            _, key = await stack.key()
+            await stack.until_routable(key, "hosted-only")
+            async with openai.AsyncOpenAI(
+                base_url=f"{stack.gateway.url}/v1", api_key=key
+            ) as client:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="hosted-only", messages=CHAT
+                )
+                assert raw.headers["x-cp-target"] == "hosted"
+                assert raw.parse().choices[0].message.content == "from the provider"
+                fallen = await client.chat.completions.with_raw_response.create(
+                    model="hybrid", messages=CHAT
+                )
+                assert fallen.headers["x-cp-target"] == "hosted"
+            assert seen
+            assert all(call["authorization"] == f"Bearer {PROVIDER_KEY}" for call in seen)
+            assert all(call["model"] == "gpt-test" for call in seen)
+            # A cloud model is reached through routers only, not by its name.
+            async with stack.client(key) as plain:
+                response = await plain.post(
+                    "/chat/completions", json={"model": "hosted", "messages": CHAT}
+                )
+                assert response.status_code == 404
+        finally:
+            await asyncio.to_thread(provider.stop)
 
 
 async def router_id(stack: Stack, name: str) -> str:
