@@ -177,7 +177,7 @@ class TestOpenAIClient:
     ) -> None:
         await stack.setup(start_workers)
         a, b = await stack.endpoint("w-a"), await stack.endpoint("w-b")
-        slow = await stack.endpoint("w-slow", engine_args={**FAST, "ttft_ms": 500})
+        slow = await stack.endpoint("w-slow", engine_args={**FAST, "ttft_ms": 3000})
         await stack.running(a, b, slow)
         await stack.router(
             "split",
@@ -201,8 +201,8 @@ class TestOpenAIClient:
             share = counts["w-b"] / 2000
             assert 0.70 <= share <= 0.80, counts
 
-            # least_busy: w-slow holds each request for 0.5 s, w-a answers at once.
-            # Requests a little apart find w-a idle and w-slow busy once it has one.
+            # least_busy: five requests sent to w-slow by name hold it busy for 3 s; the
+            # router's requests all go to the idle w-a meanwhile.
             response = await stack.api.patch(
                 f"/api/v1/routers/{await router_id(stack, 'split')}",
                 json={
@@ -212,16 +212,16 @@ class TestOpenAIClient:
             )
             assert response.status_code == 200, response.text
             await asyncio.sleep(1)
-
-            async def later(delay: float) -> str:
-                await asyncio.sleep(delay)
-                return await one({"model": "split", "prompt": "x", "max_tokens": 1})
-
-            busy = collections.Counter(await asyncio.gather(*(later(i * 0.02) for i in range(20))))
-            # Only a tie (both idle) can send one to w-slow: at the start, and at most
-            # once more after its 0.5 s answer.
-            assert busy["w-slow"] <= 2, busy
-            assert busy["w-a"] >= 18, busy
+            held = [
+                asyncio.create_task(one({"model": "w-slow", "prompt": "x", "max_tokens": 1}))
+                for _ in range(5)
+            ]
+            await asyncio.sleep(0.5)
+            chosen = [
+                await one({"model": "split", "prompt": "x", "max_tokens": 1}) for _ in range(10)
+            ]
+            assert chosen == ["w-a"] * 10
+            assert await asyncio.gather(*held) == ["w-slow"] * 5
 
 
 class TestSharedLeastBusy:
@@ -238,7 +238,7 @@ class TestSharedLeastBusy:
         know from the counts gateway one shares."""
         await stack.setup(start_workers)
         slow = await stack.endpoint(
-            "lb-slow", engine_args={**FAST, "ttft_ms": 2000, "max_concurrency": 64}
+            "lb-slow", engine_args={**FAST, "ttft_ms": 5000, "max_concurrency": 64}
         )
         fast = await stack.endpoint("lb-fast")
         await stack.running(slow, fast)
