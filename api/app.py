@@ -28,6 +28,7 @@ from api.routes import (
     system,
     temporal_codec,
     tenants,
+    usage,
     workflows,
 )
 from api.routes.temporal_codec import TemporalCodecCORS
@@ -168,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(endpoints.router)
     app.include_router(routers.router)
+    app.include_router(usage.router)
     app.include_router(temporal_codec.router)
     # Each app gets its own registry so several apps (tests) can live in one process.
     registry = CollectorRegistry()

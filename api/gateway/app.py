@@ -61,6 +61,7 @@ from control_plane.routing.limiter import (
     Reservation,
 )
 from control_plane.routing.strategies import LatencyTracker, RetryPolicy, choose
+from control_plane.usage.recorder import UsageEntry, UsageRecorder
 from workflows.contracts.endpoints import WAKE_SIGNAL, endpoint_workflow_id
 
 log = get_logger(__name__)
@@ -217,6 +218,7 @@ class Gateway:
         *,
         temporal: Client | None = None,
         registry: CollectorRegistry | None = None,
+        usage: UsageRecorder | None = None,
         rng: random.Random | None = None,
         startup: Callable[[], Awaitable[None]] | None = None,
         shutdown: Callable[[], Awaitable[None]] | None = None,
@@ -229,6 +231,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry)
         self.rng = rng or random.Random()
         self.latency = LatencyTracker()
+        self.usage = usage
         self._startup = startup
         self._shutdown = shutdown
         self._http: aiohttp.ClientSession | None = None
@@ -379,6 +382,16 @@ class Gateway:
         key = self._authenticate(scope)
         body = await _read_body(receive, self.settings.max_body_bytes)
         call = self._parse(kind, path, body, key, arrived)
+        try:
+            await self._route(call, self._resolve(call), send)
+        except GatewayError as err:
+            # Refused by the gateway (unknown model, a limit, nothing available): usage
+            # shows these too.
+            self._record(call, err.status, None, None, None)
+            raise
+
+    def _resolve(self, call: Call) -> RouterEntry | EndpointEntry:
+        key = call.key
         if key.allowed_models is not None and call.model not in key.allowed_models:
             raise GatewayError(
                 403,
@@ -394,7 +407,7 @@ class Gateway:
                 "invalid_request_error",
                 "model_not_found",
             )
-        await self._route(call, route, send)
+        return route
 
     # --- planning ---------------------------------------------------------------------
 
@@ -772,6 +785,7 @@ class Gateway:
             error = GatewayError(502, f"the upstream stream broke: {err}", "upstream_error")
             message = b"data: " + error.body() + b"\n\n"
             await send({"type": "http.response.body", "body": message, "more_body": False})
+            self._record(call, 502, endpoint, used, first_at - sent_at)
             self.metrics.requests.labels(call.model, endpoint.name, "502").inc()
             return used
         if not started:
@@ -812,6 +826,7 @@ class Gateway:
         ttft: float | None = None,
     ) -> None:
         metrics = self.metrics
+        self._record(call, 200, endpoint, used, ttft)
         metrics.requests.labels(call.model, endpoint.name, "200").inc()
         metrics.latency.labels(call.model, endpoint.name).observe(seconds)
         if used is not None:
@@ -831,6 +846,38 @@ class Gateway:
             candidate.router.cooldowns.record_success(target.key, now)
             metrics.cooling.labels(candidate.router.name, endpoint.name).set(0)
 
+    def _record(
+        self,
+        call: Call,
+        status: int,
+        endpoint: EndpointEntry | None,
+        used: tuple[int, int] | None,
+        ttft: float | None,
+        *,
+        target: str = "",
+    ) -> None:
+        """One usage record per answered request, buffered (the recorder writes batches
+        in the background)."""
+        if self.usage is None:
+            return
+        key = call.key
+        self.usage.record(
+            UsageEntry(
+                tenant_id=key.tenant_id,
+                project_id=key.project_id,
+                api_key_id=key.id,
+                route=call.model,
+                target=endpoint.name if endpoint is not None else target,
+                endpoint_id=endpoint.id if endpoint is not None and not endpoint.cloud else None,
+                status=status,
+                prompt_tokens=used[0] if used else 0,
+                completion_tokens=used[1] if used else 0,
+                latency_ms=(time.perf_counter() - call.arrived) * 1000,
+                ttft_ms=ttft * 1000 if ttft is not None else None,
+                stream=call.stream,
+            )
+        )
+
     async def _send_error(
         self,
         send: Send,
@@ -841,6 +888,7 @@ class Gateway:
         target: str | None = None,
     ) -> None:
         target = target or (call.tried[-1] if call.tried else "")
+        self._record(call, status, None, None, None, target=target)
         self.metrics.requests.labels(call.model, target, str(status)).inc()
         ours = [(b"x-cp-target", target.encode())] if target else []
         if not any(k == b"content-type" for k, _ in headers):

@@ -19,6 +19,7 @@ from control_plane.core.logging import get_logger
 from control_plane.core.redis import create_redis
 from control_plane.credentials.crypto import load_vault
 from control_plane.routing.limiter import Limiter
+from control_plane.usage.recorder import UsageRecorder
 
 log = get_logger(__name__)
 
@@ -28,7 +29,8 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
     engine = create_engine(settings.database)
     redis = create_redis(settings.redis)
     table = RoutingTable()
-    loader = TableLoader(create_sessionmaker(engine), table, vault=load_vault(settings))
+    sessions = create_sessionmaker(engine)
+    loader = TableLoader(sessions, table, vault=load_vault(settings))
     inflight = SharedInflight(redis, table)
     tasks: list[asyncio.Task[None]] = []
     gateway: Gateway
@@ -40,6 +42,7 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
             settings.temporal, codec=payload_codec(settings.codec), lazy=True
         )
         await loader.load_all()
+        await usage.start()
         tasks.append(asyncio.create_task(loader.follow(redis, settings.gateway.reload_seconds)))
         tasks.append(asyncio.create_task(inflight.run()))
         # Everything alive now (imports, the table) lives as long as the process: keep it
@@ -60,16 +63,24 @@ def create_gateway(settings: Settings | None = None) -> Gateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await usage.stop()
         await redis.aclose()
         await engine.dispose()
         log.info("gateway.stopped")
 
     # One registry for the gateway's and the limiter's metrics: `/metrics` shows both.
     registry = CollectorRegistry()
+    usage = UsageRecorder(sessions, registry=registry)
     limiter = Limiter(
         redis, on_unavailable=settings.gateway.limits_when_redis_down, registry=registry
     )
     gateway = Gateway(
-        settings.gateway, table, limiter, registry=registry, startup=startup, shutdown=shutdown
+        settings.gateway,
+        table,
+        limiter,
+        registry=registry,
+        usage=usage,
+        startup=startup,
+        shutdown=shutdown,
     )
     return gateway

@@ -13,6 +13,7 @@ from api.errors import problems
 from control_plane.audit.schemas import AuditEventRead
 from control_plane.audit.tables import AuditEvent
 from control_plane.core.pagination import Page, paginate
+from control_plane.identity.schemas import NO_NUL_PATTERN
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -21,8 +22,8 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 async def list_audit_events(
     principal: TenantAdmin,
     session: SessionDep,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    resource_kind: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=NO_NUL_PATTERN)] = None,
+    resource_kind: Annotated[str | None, Query(max_length=64, pattern=NO_NUL_PATTERN)] = None,
     project_id: uuid.UUID | None = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,

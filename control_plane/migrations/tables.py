@@ -7,6 +7,7 @@ from control_plane.endpoints import tables as endpoints
 from control_plane.identity import tables as identity
 from control_plane.models import tables as models
 from control_plane.routing import tables as routing
+from control_plane.usage import tables as usage
 from control_plane.workflow_runs import tables as workflow_runs
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "identity",
     "models",
     "routing",
+    "usage",
     "workflow_runs",
 ]

@@ -42,15 +42,17 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 schemathesis.openapi.format("kubeconfig", st.just(KUBECONFIG_EXAMPLE))
 schemathesis.openapi.format("gcp-service-account-key", st.just(SERVICE_ACCOUNT_KEY_EXAMPLE))
 
-# Bodies whose rules the JSON Schema cannot state: an endpoint's `engine_args` are
+# Requests whose rules the JSON Schema cannot state: an endpoint's `engine_args` are
 # checked by the chosen engine's own model (its keys depend on `engine`), and its
 # autoscale policy and replica count must agree with each other. A router's targets and
 # fallbacks each name exactly one thing, none twice, and no fallback is also a target.
+# A usage report's window must end after it starts and span at most 366 days.
 # A 422 there is the right answer to a schema-valid body; every other check still applies.
 CROSS_FIELD_RULES = {
     ("POST", "/api/v1/endpoints"),
     ("POST", "/api/v1/routers"),
     ("PATCH", "/api/v1/routers/{router_id}"),
+    ("GET", "/api/v1/usage"),
 }
 
 schema = schemathesis.openapi.from_dict(

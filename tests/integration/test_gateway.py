@@ -172,6 +172,21 @@ class TestOpenAIClient:
             metrics = (await plain_client.get(f"{stack.gateway.url}/metrics")).text
         assert 'cp_gateway_requests_total{route="chat"' in metrics
 
+        # Every answered request becomes a usage record (written in batches, within ~1 s).
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            report = await stack.api.get(
+                "/api/v1/usage", params={"project_id": stack.project_id, "group_by": "model"}
+            )
+            assert report.status_code == 200, report.text
+            groups = {g["key"]: g for g in report.json()["groups"]}
+            if groups.get("chat", {}).get("requests", 0) >= 6:
+                break
+            assert asyncio.get_running_loop().time() < deadline, report.json()
+            await asyncio.sleep(0.3)
+        assert groups["chat"]["completion_tokens"] >= 5
+        assert groups["nothing"]["errors"] == groups["nothing"]["requests"] == 1
+
     async def test_weighted_split_and_least_busy(
         self, stack: Stack, start_workers: StartWorkers, identities: IdentityFactory
     ) -> None:

@@ -6,7 +6,8 @@ API and PostgreSQL.
 Expected: another tenant's admin gets 404 everywhere (no existence leak); a non-member
 gets 404 on the project's resources; a viewer reads (2xx) but cannot write (403).
 Write routes need a valid body so the check, not request validation, answers: a new
-route without an entry in `BODIES` fails here until one is added.
+route without an entry in `BODIES` fails here until one is added. Collection routes that
+name a project in their `project_id` query parameter get the same read checks.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ TENANT_ROUTES = {"/api/v1/tenants/{tenant_id}"}
 TENANT_READABLE = ("/api/v1/clusters/",)
 # Resources of a project addressed by their own id (the world's model is a project's).
 PROJECT_OWNED = ("/api/v1/models/", "/api/v1/endpoints/", "/api/v1/routers/")
+
+# Collection routes that take a project as the `project_id` query parameter: checked like
+# the project's own routes (another tenant's admin and a non-member get 404, a viewer
+# reads). Every such route is listed here or, with the reason, in `PROJECT_FILTERS`.
+PROJECT_QUERY_ROUTES = (
+    "/api/v1/models",
+    "/api/v1/endpoints",
+    "/api/v1/routers",
+    "/api/v1/usage",
+)
+PROJECT_FILTERS = {
+    "/api/v1/workflows": "narrows the runs the caller sees: another project lists nothing",
+    "/api/v1/audit": "tenant admins only",
+}
 
 BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("PATCH", "/api/v1/tenants/{tenant_id}"): {"display_name": "Renamed"},
@@ -97,6 +112,16 @@ def resource_routes() -> list[tuple[str, str]]:
 
 
 ROUTES = resource_routes()
+
+
+def project_query_routes() -> list[str]:
+    schema = create_app(Settings(_env_file=None, environment="test")).openapi()
+    return [
+        path
+        for path, operations in schema["paths"].items()
+        if "{" not in path
+        and any(p["name"] == "project_id" for p in operations.get("get", {}).get("parameters", []))
+    ]
 
 
 async def build_world(
@@ -253,3 +278,28 @@ async def test_route_isolation(
         assert viewer.status_code == 403, f"viewer write: {viewer.status_code} {viewer.text}"
     else:
         assert 200 <= viewer.status_code < 300, f"viewer read: {viewer.status_code} {viewer.text}"
+
+
+def test_every_project_query_route_is_in_the_matrix() -> None:
+    assert sorted(project_query_routes()) == sorted([*PROJECT_QUERY_ROUTES, *PROJECT_FILTERS])
+
+
+@pytest.mark.parametrize("path", PROJECT_QUERY_ROUTES)
+async def test_project_query_isolation(
+    path: str,
+    anonymous_api: httpx.AsyncClient,
+    identities: IdentityFactory,
+    settings: Settings,
+) -> None:
+    world = await build_world(anonymous_api, identities, settings)
+    query = {"project_id": world.params["project_id"]}
+
+    async def get(actor: Actor) -> httpx.Response:
+        return await anonymous_api.get(path, params=query, headers=actor.headers, timeout=30)
+
+    outsider = await get(world.outsider)
+    assert outsider.status_code == 404, f"other tenant: {outsider.status_code} {outsider.text}"
+    non_member = await get(world.non_member)
+    assert non_member.status_code == 404, f"non-member: {non_member.status_code} {non_member.text}"
+    viewer = await get(world.viewer)
+    assert viewer.status_code == 200, f"viewer read: {viewer.status_code} {viewer.text}"
